@@ -74,7 +74,8 @@ class LayoutConfig:
     layer whose attention probabilities it reuses.
     """
 
-    preset: Optional[str] = "standard"
+    # null with layers/blocks/foundry also null means "standard".
+    preset: Optional[str] = None
     window: Optional[int] = None
     layers: Optional[list[Any]] = None
     blocks: Optional[list[Any]] = None
@@ -82,3 +83,223 @@ class LayoutConfig:
     # Preset parameters: "every" for interleaved local/global (every k-th layer global).
     every: Optional[int] = None
     shared_attention: Optional[dict[Any, Any]] = None
+
+
+@dataclass
+class DataConfig:
+    """Where training text comes from and how it becomes packed token sequences.
+
+    ``source``: "embedded" (the default corpus built from text already on the
+    machine, no download), "files" (local text/JSONL/Parquet files in ``paths``) or
+    "hub" (an HF hub data set by ``hub_name``; needs network, never the default).
+    """
+
+    source: str = "embedded"
+    paths: Optional[list[str]] = None
+    hub_name: Optional[str] = None
+    hub_config: Optional[str] = None
+    hub_split: str = "train"
+    streaming: bool = False
+    text_field: str = "text"
+    # Size cap of the embedded corpus in characters (it is built once and cached).
+    embedded_max_chars: int = 4_000_000
+    # "train": byte-level BPE trained on this corpus (cached); or a tokenizer.json path;
+    # or an HF tokenizer name (needs network unless cached).
+    tokenizer: str = "train"
+    # Vocabulary size of a trained tokenizer; null takes model.vocab_size.
+    vocab_size: Optional[int] = None
+    cache_dir: str = "${oc.env:MIXTRAIN_CACHE,${oc.env:HOME}/.cache/mixtrain}"
+    num_proc: int = 1
+    # Fraction of documents held out for validation (by document, deterministic).
+    val_fraction: float = 0.02
+    # Attention stays inside a document when packing several into one sequence.
+    intra_doc_attention: bool = False
+    seed: int = 1234
+    # Use at most this many documents (null: all). Required with hub streaming, since
+    # the packed cache is built from a finite prefix of the stream.
+    max_documents: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    """Token budgets, not epochs. ``global_batch_tokens`` is split into
+    micro-batches of ``micro_batch_size`` sequences of ``seq_len`` tokens on each
+    device; gradient accumulation makes up the rest."""
+
+    seq_len: int = 128
+    micro_batch_size: int = 8
+    global_batch_tokens: int = 8192
+    max_tokens: int = 1_000_000
+    # "all", or "attention": freeze everything but the attention weights
+    # (the paper's context-extension and QA stages).
+    trainable: str = "all"
+    # Start from the weights of this checkpoint / exported model (a new run, not a resume).
+    init_from: Optional[str] = None
+    val_every_steps: int = 50
+    val_batches: int = 8
+    save_every_steps: int = 100
+    keep_checkpoints: int = 2
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    weight_decay: float = 0.1
+    warmup_fraction: float = 0.05
+    # Cosine decay to lr * min_lr_ratio at the end of training.
+    min_lr_ratio: float = 0.1
+    grad_clip: float = 1.0
+    # null: fused AdamW on CUDA, foreach elsewhere.
+    fused: Optional[bool] = None
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    # "auto" (one device), "ddp", or "fsdp" (FSDP2 fully_shard per block through
+    # Lightning's ModelParallelStrategy).
+    strategy: str = "auto"
+    # null: bf16 mixed precision on GPU, fp32 on CPU.
+    precision: Optional[str] = None
+    # "none", "full" (every block) or "selective" (every other block).
+    activation_checkpointing: str = "none"
+    compile: bool = False
+    # Build the model on the meta device and initialise it after sharding.
+    meta_init: bool = False
+    log_every_n_steps: int = 10
+    progress_bar: bool = True
+    deterministic: bool = False
+
+
+@dataclass
+class LoggerConfig:
+    # "wandb", "csv" or "none".
+    kind: str = "wandb"
+    project: str = "mixtrain"
+    entity: Optional[str] = None
+    group: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+    # "auto": online when a W&B API key is configured, offline otherwise.
+    mode: str = "auto"
+
+
+@dataclass
+class RunConfig:
+    name: str = "run"
+    root: str = "runs"
+    seed: int = 1234
+    # null: a fresh run (error if the run directory already holds checkpoints);
+    # "auto": continue from the newest complete checkpoint of this run directory;
+    # or a path to a checkpoint.
+    resume: Optional[str] = None
+
+
+@dataclass
+class MixtrainConfig:
+    """The root of a composed recipe (recipes/train.yaml)."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    layout: LayoutConfig = field(default_factory=LayoutConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def register_configs() -> None:
+    """Register the schemas with Hydra's ConfigStore (idempotent)."""
+    from hydra.core.config_store import ConfigStore
+
+    cs = ConfigStore.instance()
+    cs.store(name="mixtrain_schema", node=MixtrainConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("layout", LayoutConfig),
+        ("data", DataConfig),
+        ("optim", OptimConfig),
+        ("trainer", TrainerConfig),
+        ("logger", LoggerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+# ---------------------------------------------------------------------------
+# Composition: resolvers, search path, and the compose API used by every command
+# ---------------------------------------------------------------------------
+
+RECIPES_PACKAGE = "mixtrain_recipes"
+_STAMP: Optional[str] = None
+
+
+def run_stamp() -> str:
+    """A run id that every rank and every restart of one job agrees on.
+
+    ``MIXTRAIN_RUN_STAMP`` wins, then SLURM's job id, then torchrun's rendezvous id,
+    then the wall clock (taken once per process and exported, so processes that
+    Lightning spawns inherit it)."""
+    import os
+    import time
+
+    global _STAMP
+    for var in ("MIXTRAIN_RUN_STAMP", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        value = os.environ.get(var)
+        if value and value != "none":
+            return value
+    if _STAMP is None:
+        _STAMP = time.strftime("%Y%m%d-%H%M%S")
+        os.environ["MIXTRAIN_RUN_STAMP"] = _STAMP
+    return _STAMP
+
+
+def layout_name(layout: Any) -> str:
+    """A short name for a layout config: its preset, or 'custom'."""
+    preset = layout.get("preset") if hasattr(layout, "get") else None
+    return str(preset) if preset else "custom"
+
+
+def register_resolvers() -> None:
+    from omegaconf import OmegaConf
+
+    if not OmegaConf.has_resolver("mixtrain.stamp"):
+        OmegaConf.register_new_resolver("mixtrain.stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("mixtrain.layout_name"):
+        OmegaConf.register_new_resolver("mixtrain.layout_name", layout_name)
+
+
+def search_path_overrides() -> list[str]:
+    """Users add their own recipe folders with MIXTRAIN_RECIPES=dir1:dir2 (searched
+    before the built-in recipes), or with ``hydra.searchpath=[file:///dir]``."""
+    import os
+
+    extra = [p for p in os.environ.get("MIXTRAIN_RECIPES", "").split(os.pathsep) if p]
+    if not extra:
+        return []
+    paths = ",".join(f"file://{os.path.abspath(p)}" for p in extra)
+    return [f"hydra.searchpath=[{paths}]"]
+
+
+def setup_hydra() -> None:
+    register_configs()
+    register_resolvers()
+
+
+def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
+    """Compose a recipe exactly as ``mixtrain train`` would, without running it.
+
+    Returns the DictConfig (typed by :class:`MixtrainConfig`, interpolations
+    unresolved). Errors name the offending key."""
+    from hydra import compose as hydra_compose
+    from hydra import initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    setup_hydra()
+    overrides = list(overrides or []) + search_path_overrides()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module=RECIPES_PACKAGE, version_base="1.3"):
+        return hydra_compose(config_name=config_name, overrides=overrides)

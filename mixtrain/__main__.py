@@ -1,0 +1,5 @@
+import sys
+
+from mixtrain.cli import main
+
+sys.exit(main())

@@ -1,0 +1,257 @@
+"""The decoder: embeddings -> L pre-norm blocks (attention + SwiGLU MLP or MoE) -> norm -> logits.
+
+Which layers attend globally or in a sliding window, and which reuse an earlier
+layer's K/V (or attention probabilities), is the Layout's business; this file only
+wires the per-forward hand-over:
+
+    kv_store[producer index]  = (k, v)   post-RoPE, [B, Hkv, T, D]
+    probs_store[source index] = probs    post-softmax, [B, Hq, T, T]
+
+Construction is cheap and device-agnostic (torchtitan style):
+
+    with torch.device("meta"):
+        model = Transformer(cfg, layout)
+    model.to_empty(device="cuda")
+    model.init_weights(seed=0)
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from mixtrain.config import ModelConfig
+from mixtrain.layouts import LayerSpec, Layout
+from mixtrain.model.attention import Attention, resolve_attn_impl, rope_tables
+from mixtrain.model.masks import build_masks
+from mixtrain.model.moe import build_moe
+
+
+@dataclass
+class ModelOutput:
+    """logits [B, T, V]; aux: lb_loss, z_loss (scalar tensors, mean over MoE layers, zeros
+    for a dense model) and, with MoE, expert_counts (long [n_layers, n_experts], detached)."""
+
+    logits: Tensor
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+class MLP(nn.Module):
+    """SwiGLU: w2(silu(w1 x) * w3 x)."""
+
+    def __init__(self, d_model: int, hidden: int):
+        super().__init__()
+        self.w1 = nn.Linear(d_model, hidden, bias=False)  # gate
+        self.w3 = nn.Linear(d_model, hidden, bias=False)  # up
+        self.w2 = nn.Linear(hidden, d_model, bias=False)  # down
+
+    def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
+        nn.init.normal_(self.w1.weight, 0.0, std, generator=generator)
+        nn.init.normal_(self.w3.weight, 0.0, std, generator=generator)
+        nn.init.normal_(self.w2.weight, 0.0, out_std, generator=generator)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class Block(nn.Module):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, index: int):
+        super().__init__()
+        self.index = index
+        self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.attn = Attention(cfg, spec, index)
+        self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        self.is_moe = cfg.moe is not None
+        self.mlp = build_moe(cfg.moe, cfg.d_model) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden)
+
+    def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
+        self.attn_norm.reset_parameters()
+        self.mlp_norm.reset_parameters()
+        self.attn.init_weights(std, out_std, generator)
+        self.mlp.init_weights(std, out_std, generator)
+
+    def forward(self, x, cos, sin, mask, kv=None, probs=None, return_probs=False):
+        """x [B,T,C] -> (x [B,T,C], produced (k, v) | None, probs | None, moe aux | None)."""
+        a, produced, new_probs = self.attn(self.attn_norm(x), cos, sin, mask, kv=kv, probs=probs, return_probs=return_probs)
+        x = x + a
+        aux = None
+        if self.is_moe:
+            m, aux = self.mlp(self.mlp_norm(x))
+        else:
+            m = self.mlp(self.mlp_norm(x))
+        x = x + m
+        return x, produced, new_probs, aux
+
+
+def _check_layout(cfg: ModelConfig, layout: Layout) -> None:
+    if layout.n_layers != cfg.n_layers:
+        raise ValueError(
+            f"layout {layout.name!r} has {layout.n_layers} layers but model.n_layers={cfg.n_layers}; "
+            f"use a layout of {cfg.n_layers} layers (or a depth-generic preset)."
+        )
+    for i, s in enumerate(layout.layers):
+        if s.kind == "sliding" and (s.window is None or s.window < 1):
+            raise ValueError(f"layout {layout.name!r}: layer {i} is sliding but has window {s.window!r} (need W >= 1)")
+        if s.kv_source > i or s.kv_source < 0:
+            raise ValueError(f"layout {layout.name!r}: layer {i} reuses K/V of layer {s.kv_source}, which is not earlier")
+        if s.kv_source != i:
+            p = layout.layers[s.kv_source]
+            if p.kv_source != s.kv_source or p.attn_source is not None:
+                raise ValueError(
+                    f"layout {layout.name!r}: layer {i} reuses K/V of layer {s.kv_source}, which is not a K/V producer"
+                )
+            if p.mask_key != s.mask_key:
+                raise ValueError(
+                    f"layout {layout.name!r}: layer {i} ({s.kind}, W={s.window}) reuses K/V of layer "
+                    f"{s.kv_source} ({p.kind}, W={p.window}); producer and consumer need the same kind and window"
+                )
+        if s.attn_source is not None:
+            if not 0 <= s.attn_source < i:
+                raise ValueError(f"layout {layout.name!r}: layer {i} shares probabilities of layer {s.attn_source}, which is not earlier")
+            src = layout.layers[s.attn_source]
+            if src.attn_source is not None:
+                raise ValueError(f"layout {layout.name!r}: layer {i} shares probabilities of layer {s.attn_source}, which borrows them itself")
+            if src.mask_key != s.mask_key:
+                raise ValueError(
+                    f"layout {layout.name!r}: layer {i} shares attention probabilities with layer {s.attn_source} "
+                    f"but their masks differ ({s.mask_key} vs {src.mask_key})"
+                )
+
+
+class Transformer(nn.Module):
+    def __init__(self, cfg: ModelConfig, layout: Layout):
+        super().__init__()
+        _check_layout(cfg, layout)
+        resolve_attn_impl(cfg.attn_impl, torch.device("cpu"))  # validates the name
+        self.cfg, self.layout = cfg, layout
+        self.prob_sources = sorted({s.attn_source for s in layout.layers if s.attn_source is not None})
+
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.layers = nn.ModuleList(Block(cfg, spec, i) for i, spec in enumerate(layout.layers))
+        self.norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
+        # Tied: the logits use tok_embeddings.weight directly (no second Parameter, so tying
+        # survives meta-device construction, to_empty and sharding).
+        self.output = None if cfg.tie_embeddings else nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+
+        cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # [max_seq_len, D/2]
+        self.register_buffer("rope_sin", sin, persistent=False)
+
+    @property
+    def output_weight(self) -> Tensor:
+        """[V, C] weight of the output head (the embedding matrix when tied)."""
+        return self.tok_embeddings.weight if self.output is None else self.output.weight
+
+    # -- init ---------------------------------------------------------------------------
+
+    def reset_rope(self) -> None:
+        """(Re)compute the RoPE tables from cfg.rope_theta and cfg.max_seq_len, on the
+        buffers' device. Call after changing either (context extension)."""
+        device = self.rope_cos.device
+        cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta, device=device)
+        self.rope_cos, self.rope_sin = cos, sin
+
+    @torch.no_grad()
+    def init_weights(self, seed: Optional[int] = None) -> None:
+        """normal(0, init_std) for linears, embeddings and experts; output projections of
+        every block (attention wo, MLP / expert w2) scaled by 1/sqrt(2 * n_layers); norms
+        to ones; RoPE tables recomputed. Same seed -> same weights, eager or after meta."""
+        generator = None
+        if seed is not None:
+            generator = torch.Generator(device=self.tok_embeddings.weight.device)
+            generator.manual_seed(seed)
+        std = self.cfg.init_std
+        out_std = std / math.sqrt(2 * self.cfg.n_layers)
+        self.reset_rope()
+        nn.init.normal_(self.tok_embeddings.weight, 0.0, std, generator=generator)
+        for block in self.layers:
+            block.init_weights(std, out_std, generator)
+        self.norm.reset_parameters()
+        if self.output is not None:
+            nn.init.normal_(self.output.weight, 0.0, std, generator=generator)
+
+    # -- forward ------------------------------------------------------------------------
+
+    def rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [T] or [B, T] -> cos, sin [1 or B, 1, T, D/2]."""
+        cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [(B,) T, D/2]
+        if positions.dim() == 1:
+            return cos[None, None], sin[None, None]
+        return cos[:, None], sin[:, None]
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        doc_ids: Optional[Tensor] = None,
+        positions: Optional[Tensor] = None,
+    ) -> ModelOutput:
+        """input_ids [B, T] -> ModelOutput(logits [B, T, V], aux).
+
+        doc_ids [B, T] (optional): a token attends only within its document (on top of the
+        causal / sliding mask). positions [T] or [B, T] (optional, default 0..T-1): RoPE
+        positions; masks always use the index in the sequence."""
+        B, T = input_ids.shape
+        device = input_ids.device
+        if positions is None:
+            if T > self.cfg.max_seq_len:
+                raise ValueError(
+                    f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}; "
+                    "raise max_seq_len (and call reset_rope) for longer contexts"
+                )
+            positions = torch.arange(T, device=device)
+        cos, sin = self.rope_at(positions)
+
+        impl = resolve_attn_impl(self.cfg.attn_impl, device)
+        dense_keys = [self.layout.layers[i].mask_key for i in self.prob_sources]
+        masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=dense_keys)
+
+        kv_store: dict[int, tuple[Tensor, Tensor]] = {}
+        probs_store: dict[int, Tensor] = {}
+        moe_aux: list[dict[str, Tensor]] = []
+
+        h = self.tok_embeddings(input_ids)  # [B, T, C]
+        for i, (block, spec) in enumerate(zip(self.layers, self.layout.layers)):
+            h, produced, probs, aux = block(
+                h,
+                cos,
+                sin,
+                masks[spec.mask_key],
+                kv=kv_store.get(spec.kv_source) if spec.kv_source != i else None,
+                probs=probs_store.get(spec.attn_source) if spec.attn_source is not None else None,
+                return_probs=i in self.prob_sources,
+            )
+            if produced is not None:
+                kv_store[i] = produced
+            if probs is not None:
+                probs_store[i] = probs
+            if aux is not None:
+                moe_aux.append(aux)
+        h = self.norm(h)
+        logits = F.linear(h, self.output_weight)  # [B, T, V]
+
+        if moe_aux:
+            out_aux = {
+                "lb_loss": torch.stack([a["lb_loss"] for a in moe_aux]).mean(),
+                "z_loss": torch.stack([a["z_loss"] for a in moe_aux]).mean(),
+                "expert_counts": torch.stack([a["counts"] for a in moe_aux]),
+            }
+        else:
+            zero = torch.zeros((), device=device)
+            out_aux = {"lb_loss": zero, "z_loss": zero.clone()}
+        return ModelOutput(logits=logits, aux=out_aux)
+
+
+def build_model(cfg: ModelConfig, layout: Layout, device: torch.device | str = "meta", seed: Optional[int] = None) -> Transformer:
+    """Construct on ``device``; unless that is 'meta', also initialise the weights.
+    On 'meta' the caller does to_empty(...) and init_weights(...) (e.g. after sharding)."""
+    with torch.device(device):
+        model = Transformer(cfg, layout)
+    if torch.device(device).type != "meta":
+        model.init_weights(seed)
+    return model

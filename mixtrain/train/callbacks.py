@@ -1,0 +1,74 @@
+"""Training callbacks: throughput and MFU from the analytic FLOPs, and a record of
+the layout (diagram, KV bytes per token) at the start of a run."""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import lightning as L
+import torch
+
+from mixtrain import accounting
+
+
+class ThroughputMonitor(L.Callback):
+    """Tokens per second and model FLOPs utilisation per optimizer step.
+
+    MFU = train FLOPs per token (active parameters + windowed attention, see
+    :func:`mixtrain.accounting.train_flops_per_token`) x tokens/s / (peak FLOP/s of
+    the device x number of devices). Not logged where the peak is unknown (CPU).
+    """
+
+    def __init__(self, tokens_per_step: int, flops_per_token: float, window: int = 5) -> None:
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
+        self.window = window
+        self._times: list[float] = []
+        self._last_step = -1
+        self.peak: Optional[float] = None
+        self.last: dict[str, float] = {}
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dev = trainer.strategy.root_device
+        if dev.type == "cuda":
+            name = torch.cuda.get_device_name(dev)
+            per_device = accounting.peak_flops(name, "bf16")
+            self.peak = per_device * trainer.world_size if per_device else None
+        self._times = [time.perf_counter()]
+        self._last_step = trainer.global_step
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # still accumulating gradients
+        self._last_step = trainer.global_step
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        self._times.append(time.perf_counter())
+        self._times = self._times[-(self.window + 1) :]
+        if len(self._times) < 2:
+            return
+        dt = (self._times[-1] - self._times[0]) / (len(self._times) - 1)
+        tps = self.tokens_per_step / dt
+        self.last = {"perf/tokens_per_s": tps}
+        if self.peak:
+            self.last["perf/mfu"] = self.flops_per_token * tps / self.peak
+        pl_module.log_dict(self.last, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+class LayoutRecord(L.Callback):
+    """Puts the layout diagram and its KV-cache figures into the run's log and logger."""
+
+    def __init__(self, text: str, figures: dict[str, float]) -> None:
+        self.text = text
+        self.figures = figures
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"layout_figures": self.figures})
+            experiment = getattr(logger, "experiment", None)
+            if trainer.is_global_zero and hasattr(experiment, "summary") and hasattr(experiment, "log"):
+                import wandb  # a WandbLogger
+
+                experiment.summary.update(self.figures)
+                experiment.log({"layout/diagram": wandb.Html(f"<pre>{self.text}</pre>")}, commit=False)

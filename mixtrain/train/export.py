@@ -1,0 +1,118 @@
+"""Reading trained weights back, and ``mixtrain export``: one consolidated
+safetensors file plus the resolved config, loadable on one device."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixtrain.errors import UserError
+
+
+def _strip_prefix(state_dict: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
+    return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
+
+
+def _resolve_checkpoint(source: str | os.PathLike) -> Path:
+    from mixtrain.train.checkpoint import latest_checkpoint
+
+    path = Path(source)
+    if not path.exists():
+        raise UserError(f"{path} does not exist: give a run directory, a checkpoint, or an exported model folder")
+    if path.is_dir() and (path / "checkpoints").is_dir():
+        ckpt = latest_checkpoint(path)
+        if ckpt is None:
+            raise UserError(f"run directory {path} has no complete checkpoint under {path / 'checkpoints'}")
+        return ckpt
+    return path
+
+
+def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor], Optional[dict[str, Any]]]:
+    """Model weights (unsharded, un-prefixed) and the resolved config (if recorded)
+    from a run directory, a Lightning checkpoint (file or sharded directory), an
+    exported folder or a ``.safetensors`` file."""
+    path = _resolve_checkpoint(source)
+    if path.is_dir() and (path / "model.safetensors").is_file():
+        from safetensors.torch import load_file
+
+        cfg = OmegaConf.to_container(OmegaConf.load(path / "config.yaml")) if (path / "config.yaml").is_file() else None
+        return load_file(path / "model.safetensors"), cfg
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path), None
+    if path.is_dir():  # a sharded (distributed) checkpoint written under FSDP
+        if not (path / ".metadata").is_file():
+            raise UserError(f"{path} is a folder but not a complete sharded checkpoint (no .metadata file)")
+        from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+        with tempfile.TemporaryDirectory() as tmp:
+            full = Path(tmp) / "full.pt"
+            dcp_to_torch_save(path, full)
+            state = torch.load(full, map_location="cpu", weights_only=False)
+        meta = torch.load(path / "meta.pt", map_location="cpu", weights_only=False) if (path / "meta.pt").is_file() else {}
+        return _strip_prefix(state["state_dict"]), meta.get("mixtrain_config")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=False, mmap=True)
+    except Exception as e:  # noqa: BLE001 - any unreadable file gets the same advice
+        raise UserError(f"cannot read checkpoint {path}: {e}. Is it a complete mixtrain checkpoint?") from e
+    return _strip_prefix(ckpt["state_dict"]), ckpt.get("mixtrain_config")
+
+
+def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
+    from safetensors.torch import save_file
+
+    state, cfg = read_checkpoint(source)
+    if cfg is None:
+        raise UserError(f"{source} carries no mixtrain config; export needs a checkpoint written by mixtrain train")
+    src = Path(source)
+    out_dir = Path(out) if out else (src if src.is_dir() and (src / "checkpoints").is_dir() else src.parent) / "export"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    # safetensors stores each tensor once: drop the tied output head (re-tied on load).
+    seen: dict[int, str] = {}
+    tensors = {}
+    for k, v in state.items():
+        ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
+        if ptr in seen:
+            continue
+        seen[ptr] = k
+        tensors[k] = v.contiguous()
+    tmp = out_dir / ".tmp-model.safetensors"
+    save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
+    os.replace(tmp, out_dir / "model.safetensors")
+    OmegaConf.save(OmegaConf.create(cfg), out_dir / "config.yaml")
+    return out_dir
+
+
+def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):
+    """Build the model of an export (or checkpoint / run directory) on one device.
+    Returns ``(model, cfg)`` with ``cfg`` the resolved DictConfig of the run."""
+    from mixtrain.layouts import build_layout
+    from mixtrain.model import Transformer
+
+    state, cfg = read_checkpoint(source)
+    if cfg is None:
+        raise UserError(f"{source} carries no mixtrain config (config.yaml); cannot rebuild the model")
+    cfg = OmegaConf.create(cfg)
+    layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+    with torch.device("meta"):
+        model = Transformer(cfg.model, layout)
+    model.to_empty(device=device)
+    model.init_weights()  # buffers (RoPE tables); weights are overwritten below
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    tied = {"output.weight", "lm_head.weight"} if cfg.model.tie_embeddings else set()
+    missing = [m for m in missing if m not in tied]
+    if missing or unexpected:
+        raise UserError(f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    if dtype is not None:
+        model.to(dtype)
+    return model.eval(), cfg
+
+
+def as_dictconfig(cfg: Any) -> DictConfig:
+    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)

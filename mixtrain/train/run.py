@@ -1,0 +1,262 @@
+"""One training job, from a composed recipe to checkpoints and logs.
+
+``train(cfg)`` is what ``mixtrain train`` runs for each job (one per sweep point).
+It checks the recipe for mistakes before anything heavy happens, builds the layout,
+data, module, strategy, logger and callbacks, and fits.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixtrain import accounting
+from mixtrain.errors import UserError
+from mixtrain.layouts import LayoutError, build_layout, diagram
+
+
+# ------------------------------------------------------------------ checks
+def world_size_of(cfg: DictConfig) -> int:
+    """Processes that will train, known before the Trainer exists."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1, "-1"):
+        gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+        devices = len(devices)
+    return int(devices) * int(cfg.trainer.num_nodes)
+
+
+def plan_steps(cfg: DictConfig, world_size: int) -> dict[str, int]:
+    """Gradient accumulation and the number of optimizer steps from token budgets."""
+    t = cfg.train
+    if t.seq_len > cfg.model.max_seq_len:
+        raise UserError(
+            f"train.seq_len={t.seq_len} is longer than the model's model.max_seq_len={cfg.model.max_seq_len}; "
+            f"lower train.seq_len or raise model.max_seq_len (RoPE tables are built for max_seq_len)"
+        )
+    per_micro = t.micro_batch_size * t.seq_len * world_size
+    if t.global_batch_tokens % per_micro:
+        raise UserError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"train.micro_batch_size x train.seq_len x devices = {t.micro_batch_size} x {t.seq_len} x {world_size} "
+            f"= {per_micro}; choose e.g. train.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+        )
+    accumulate = t.global_batch_tokens // per_micro
+    total_steps = int(t.max_tokens) // int(t.global_batch_tokens)
+    if total_steps < 1:
+        raise UserError(
+            f"train.max_tokens={t.max_tokens} is less than one optimizer step of "
+            f"train.global_batch_tokens={t.global_batch_tokens}"
+        )
+    return {"accumulate": accumulate, "total_steps": total_steps}
+
+
+def run_dir_of(cfg: DictConfig) -> Path:
+    try:
+        from hydra.core.hydra_config import HydraConfig
+
+        return Path(HydraConfig.get().runtime.output_dir)
+    except ValueError:  # not running under @hydra.main
+        return Path(cfg.run.root) / cfg.run.name
+
+
+def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
+    from mixtrain.train.checkpoint import latest_checkpoint, list_checkpoints
+
+    resume = cfg.run.resume
+    existing = list_checkpoints(run_dir)
+    if resume in (None, "never", "null"):
+        if existing:
+            raise UserError(
+                f"run directory {run_dir} already holds checkpoints (newest: {existing[-1][1].name}). "
+                f"Continue it with run.resume=auto, or start a new run with another run.name; nothing was changed"
+            )
+        return None
+    if resume == "auto":
+        ckpt = latest_checkpoint(run_dir)
+        return str(ckpt) if ckpt else None
+    if not Path(resume).exists():
+        raise UserError(f"run.resume={resume!r}: no such checkpoint; give a path, 'auto' or null")
+    return str(resume)
+
+
+# ----------------------------------------------------------------- pieces
+def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
+    kind = cfg.logger.kind
+    if kind == "none":
+        return False
+    if kind == "csv":
+        from lightning.pytorch.loggers import CSVLogger
+
+        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+    if kind == "wandb":
+        from lightning.pytorch.loggers import WandbLogger
+
+        mode = cfg.logger.mode
+        if mode == "auto":
+            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+        return WandbLogger(
+            project=cfg.logger.project,
+            entity=cfg.logger.entity,
+            group=cfg.logger.group,
+            tags=list(cfg.logger.tags) or None,
+            name=cfg.run.name,
+            id=_wandb_run_id(run_dir),
+            save_dir=str(run_dir),
+            mode=mode,
+            config=resolved,
+            resume="allow",
+        )
+    raise UserError(f"logger.kind={kind!r} is not known; use wandb, csv or none")
+
+
+def _wandb_key_configured() -> bool:
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return "api.wandb.ai" in netrc.read_text()
+    except OSError:
+        return False
+
+
+def _wandb_run_id(run_dir: Path) -> str:
+    """One W&B run per run directory, kept across restarts (resume continues it)."""
+    import hashlib
+
+    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+
+
+def make_strategy(cfg: DictConfig, on_gpu: bool):
+    kind = cfg.trainer.strategy
+    if kind == "fsdp":
+        from lightning.pytorch.strategies import ModelParallelStrategy
+
+        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True)
+    if kind == "ddp":
+        from lightning.pytorch.strategies import DDPStrategy
+
+        return DDPStrategy(process_group_backend="nccl" if on_gpu else "gloo")
+    if kind == "auto":
+        return "auto"
+    raise UserError(f"trainer.strategy={kind!r} is not known; use auto, ddp or fsdp")
+
+
+# -------------------------------------------------------------------- job
+def train(cfg: DictConfig) -> dict[str, Any]:
+    import lightning as L
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    from mixtrain.data.pretrain import PretrainDataModule
+    from mixtrain.train.callbacks import LayoutRecord, ThroughputMonitor
+    from mixtrain.train.checkpoint import AtomicCheckpoint
+    from mixtrain.train.export import read_checkpoint
+    from mixtrain.train.module import LMModule
+
+    OmegaConf.resolve(cfg)
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    try:
+        layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+    except LayoutError as e:
+        raise UserError(f"layout: {e}") from e
+
+    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    world = world_size_of(cfg)
+    plan = plan_steps(cfg, world)
+    run_dir = run_dir_of(cfg)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    ckpt_path = resume_path(cfg, run_dir)
+
+    L.seed_everything(cfg.run.seed, workers=True, verbose=False)
+    fsdp = cfg.trainer.strategy == "fsdp"
+    precision = cfg.trainer.precision or ("bf16-mixed" if on_gpu and not fsdp else "32-true")
+    module = LMModule(
+        cfg, layout, total_steps=plan["total_steps"], fsdp=fsdp, mixed_precision=fsdp and on_gpu
+    )
+    if cfg.train.init_from and ckpt_path is None:
+        module.init_state_dict, _ = read_checkpoint(cfg.train.init_from)
+
+    data = PretrainDataModule(
+        cfg.data,
+        seq_len=cfg.train.seq_len,
+        micro_batch_size=cfg.train.micro_batch_size,
+        vocab_size=cfg.model.vocab_size,
+    )
+    tokens_per_step = int(cfg.train.global_batch_tokens)
+    flops = accounting.train_flops_per_token(cfg.model, layout, cfg.train.seq_len)
+    figures = {
+        "kv_bytes_per_token_32k": accounting.kv_bytes_per_token(cfg.model, layout, 32768),
+        "kv_ratio_vs_standard_32k": accounting.kv_ratio(cfg.model, layout, 32768),
+        "kv_caches": layout.n_kv_caches,
+        "params_total": accounting.param_counts(cfg.model, layout).total,
+        "params_active": accounting.param_counts(cfg.model, layout).active,
+        "train_flops_per_token": flops,
+    }
+    callbacks = [
+        AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints),
+        ThroughputMonitor(tokens_per_step, flops),
+        LayoutRecord(diagram(layout), figures),
+    ]
+    if cfg.trainer.progress_bar:
+        callbacks.append(TQDMProgressBar(refresh_rate=1))
+    logger = make_logger(cfg, run_dir, resolved)
+    trainer = L.Trainer(
+        accelerator="gpu" if on_gpu else "cpu",
+        devices=cfg.trainer.devices if cfg.trainer.devices != "auto" else "auto",
+        num_nodes=cfg.trainer.num_nodes,
+        strategy=make_strategy(cfg, on_gpu),
+        precision=precision,
+        max_steps=plan["total_steps"],
+        accumulate_grad_batches=plan["accumulate"],
+        val_check_interval=cfg.train.val_every_steps * plan["accumulate"],
+        check_val_every_n_epoch=None,
+        limit_val_batches=cfg.train.val_batches,
+        num_sanity_val_steps=0,
+        enable_checkpointing=False,
+        enable_progress_bar=bool(cfg.trainer.progress_bar),
+        use_distributed_sampler=False,
+        logger=logger,
+        callbacks=callbacks,
+        log_every_n_steps=cfg.trainer.log_every_n_steps,
+        default_root_dir=str(run_dir),
+        deterministic=bool(cfg.trainer.deterministic),
+        enable_model_summary=False,
+    )
+    if trainer.is_global_zero:
+        OmegaConf.save(cfg, run_dir / "config.yaml")
+        print(diagram(layout))
+        print(
+            f"training {plan['total_steps']} steps of {tokens_per_step:,} tokens "
+            f"({plan['accumulate']} micro-batch(es) of {cfg.train.micro_batch_size} x {cfg.train.seq_len} per device, "
+            f"{world} device(s)); run directory {run_dir}"
+            + (f"; resuming from {ckpt_path}" if ckpt_path else "")
+        )
+    try:
+        trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+    finally:
+        if cfg.logger.kind == "wandb" and trainer.is_global_zero:
+            import wandb
+
+            wandb.finish()
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    result = {
+        "run_dir": str(run_dir),
+        "val_loss": metrics.get("val/loss"),
+        "train_loss": metrics.get("train/loss"),
+        "steps": trainer.global_step,
+        "metrics": metrics,
+    }
+    if trainer.is_global_zero:
+        from mixtrain.train.checkpoint import latest_checkpoint
+
+        print(f"done: {trainer.global_step} steps; val loss {result['val_loss']}")
+        print(f"checkpoint: {latest_checkpoint(run_dir)}")
+        print(f"logs:       {run_dir}" + (" (W&B offline run under wandb/; upload with `wandb sync`)" if cfg.logger.kind == "wandb" else ""))
+    return result
