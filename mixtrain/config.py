@@ -139,6 +139,10 @@ class TrainConfig:
     val_batches: int = 8
     save_every_steps: int = 100
     keep_checkpoints: int = 2
+    # End this invocation after this many optimizer steps (checkpointing first),
+    # keeping the schedule of the whole run: for time-limited or preemptible jobs,
+    # which then continue with run.resume=auto.
+    stop_after_steps: Optional[int] = None
 
 
 @dataclass

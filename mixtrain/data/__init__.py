@@ -1,0 +1,38 @@
+"""Data: corpora (embedded default, local files, hub), tokenizers, packed sequences.
+
+- :mod:`mixtrain.data.corpus`: ``load_documents``, ``embedded_corpus_path``
+- :mod:`mixtrain.data.tokenizer`: ``get_tokenizer``, ``train_bpe``, ``Tok``
+- :mod:`mixtrain.data.pretrain`: ``prepare``, ``PackedDataset``, ``ResumableSampler``,
+  ``PretrainDataModule``
+- :mod:`mixtrain.data.cli`: the ``mixtrain data`` subcommands
+
+Imports are lazy so ``import mixtrain.data`` stays cheap (no torch/datasets import).
+"""
+
+from __future__ import annotations
+
+import importlib
+
+_EXPORTS = {
+    "DataError": "corpus",
+    "as_data_config": "corpus",
+    "embedded_corpus_path": "corpus",
+    "load_documents": "corpus",
+    "corpus_identity": "corpus",
+    "Tok": "tokenizer",
+    "get_tokenizer": "tokenizer",
+    "train_bpe": "tokenizer",
+    "prepare": "pretrain",
+    "Prepared": "pretrain",
+    "PackedDataset": "pretrain",
+    "ResumableSampler": "pretrain",
+    "PretrainDataModule": "pretrain",
+}
+
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -29,9 +29,10 @@ import sysconfig
 import tokenize
 from dataclasses import fields
 from pathlib import Path
-from typing import Any, Iterator, Union
+from typing import Any, Iterator
 
 from mixtrain.config import DataConfig
+from mixtrain.errors import UserError
 
 EMBEDDED_FORMAT = 1  # bump when the extraction below changes
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -42,7 +43,7 @@ SOURCES = ("embedded", "files", "hub")
 _STDLIB_SKIP = {"site-packages", "dist-packages", "test", "tests", "idle_test", "__pycache__", "lib2to3"}
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Bad data configuration or input; the message says which key or file, and what to do."""
 
 
@@ -412,5 +413,3 @@ def corpus_identity(cfg: Any) -> str:
         raise DataError(f"unknown data.source {c.source!r}; use one of {list(SOURCES)}")
     return repr(ident + (c.max_documents,))
 
-
-DocumentSet = Union["datasets.Dataset", "datasets.IterableDataset"]  # noqa: F821

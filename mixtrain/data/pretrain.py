@@ -25,6 +25,7 @@ mask ``labels`` where ``doc_ids`` changes at the next position.
 from __future__ import annotations
 
 import json
+import sys
 import os
 import shutil
 import time
@@ -164,8 +165,9 @@ def _build_packed(c, tok: Tok, seq_len: int, out: Path, docs=None) -> dict:
     meta: dict = {
         "format": PACK_FORMAT,
         "seq_len": seq_len,
-        "corpus": corpus_identity(c),
+        "corpus_id": short_hash(corpus_identity(c)),
         "source": c.source,
+        "corpus": _describe(c),
         "tokenizer": str(tok.path) if tok.path else None,
         "tokenizer_fingerprint": tok.fingerprint(),
         "vocab_size": tok.vocab_size,
@@ -205,6 +207,14 @@ def _build_packed(c, tok: Tok, seq_len: int, out: Path, docs=None) -> dict:
         if not (out / "meta.json").is_file():
             raise
     return meta
+
+
+def _describe(c) -> str:
+    if c.source == "embedded":
+        return f"Python {'.'.join(map(str, sys.version_info[:3]))} stdlib docstrings and comments, <= {c.embedded_max_chars} chars"
+    if c.source == "files":
+        return f"{len(c.paths or [])} path pattern(s): {', '.join(map(str, (c.paths or [])[:3]))}{' ...' if len(c.paths or []) > 3 else ''}"
+    return f"hub {c.hub_name} ({c.hub_config}, {c.hub_split})"
 
 
 def prepare(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = None) -> Prepared:

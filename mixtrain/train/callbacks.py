@@ -72,3 +72,15 @@ class LayoutRecord(L.Callback):
 
                 experiment.summary.update(self.figures)
                 experiment.log({"layout/diagram": wandb.Html(f"<pre>{self.text}</pre>")}, commit=False)
+
+
+class StopAfterSteps(L.Callback):
+    """Ends this invocation after ``steps`` optimizer steps (the last checkpoint is
+    written on the way out); the run continues later with ``run.resume=auto``."""
+
+    def __init__(self, steps: int) -> None:
+        self.steps = int(steps)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step >= self.steps:
+            trainer.should_stop = True

@@ -97,7 +97,8 @@ class LMModule(L.LightningModule):
             # Materialise (sharded) storage on the device, then initialise explicitly.
             # A resumed run's weights are loaded afterwards, so this never clobbers them.
             model.to_empty(device=self.trainer.strategy.root_device if self._trainer else "cpu")
-            model.init_weights(seed=cfg.run.seed)
+            torch.manual_seed(cfg.run.seed)  # a Generator cannot drive DTensor init: seed globally
+            model.init_weights(seed=None)
             if self.init_state_dict is not None:
                 _load_into_possibly_sharded(model, self.init_state_dict)
         self.model = model

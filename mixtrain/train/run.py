@@ -93,9 +93,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
     if kind == "none":
         return False
     if kind == "csv":
-        from lightning.pytorch.loggers import CSVLogger
-
-        return CSVLogger(save_dir=str(run_dir), name="csv", version="")
+        return AppendingCSVLogger(save_dir=str(run_dir), name="csv", version="")
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
@@ -115,6 +113,35 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
             resume="allow",
         )
     raise UserError(f"logger.kind={kind!r} is not known; use wandb, csv or none")
+
+
+def _appending_csv_logger_class():
+    from lightning.pytorch.loggers import CSVLogger
+    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+    class _AppendingWriter(ExperimentWriter):
+        def _check_log_dir_exists(self) -> None:
+            # Lightning deletes an existing metrics.csv here; a resumed run appends to it.
+            if self._fs.isfile(self.metrics_file_path):
+                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                    header = f.readline().strip()
+                self.metrics_keys = sorted(k for k in header.split(",") if k)
+
+    class AppendingCSVLogger(CSVLogger):
+        """CSVLogger whose metrics.csv survives a resume (rows are appended)."""
+
+        @property
+        def experiment(self):
+            if self._experiment is None:
+                self._fs.makedirs(self.root_dir, exist_ok=True)
+                self._experiment = _AppendingWriter(log_dir=self.log_dir)
+            return self._experiment
+
+    return AppendingCSVLogger
+
+
+def AppendingCSVLogger(**kwargs):  # noqa: N802 - a factory that reads like the class
+    return _appending_csv_logger_class()(**kwargs)
 
 
 def _wandb_key_configured() -> bool:
@@ -155,7 +182,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from mixtrain.data.pretrain import PretrainDataModule
-    from mixtrain.train.callbacks import LayoutRecord, ThroughputMonitor
+    from mixtrain.train.callbacks import LayoutRecord, StopAfterSteps, ThroughputMonitor
     from mixtrain.train.checkpoint import AtomicCheckpoint
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
@@ -204,6 +231,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ThroughputMonitor(tokens_per_step, flops),
         LayoutRecord(diagram(layout), figures),
     ]
+    if cfg.train.stop_after_steps:
+        callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
     if cfg.trainer.progress_bar:
         callbacks.append(TQDMProgressBar(refresh_rate=1))
     logger = make_logger(cfg, run_dir, resolved)
@@ -240,6 +269,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        if trainer.global_step % cfg.train.val_every_steps:  # always end on a validation loss
+            trainer.validate(module, datamodule=data, verbose=False)
     finally:
         if cfg.logger.kind == "wandb" and trainer.is_global_zero:
             import wandb

@@ -1,0 +1,234 @@
+"""``mixtrain generate`` and ``mixtrain bench infer``.
+
+The main ``mixtrain`` command calls :func:`register_generate` and :func:`register_bench`
+with its subparsers; each (sub)command sets ``func`` on its namespace, called as
+``args.func(args)``. :func:`generate_main` / :func:`bench_main` do the same for an argv
+list (what ``mixtrain generate ...`` / ``mixtrain bench ...`` dispatch to).
+
+    mixtrain generate --model RUN_OR_EXPORT --prompt "Once upon" [--tokenizer tok.json]
+                      [--max-new-tokens 64 --temperature 0.8 --top-p 0.95 --seed 0]
+    mixtrain generate --recipe "model=tiny layout=ma_offset" --prompt-ids 1,2,3
+    mixtrain bench infer model=paper_moe --layouts standard,ma,ma_offset,ma_pairs --context 32768
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+DEFAULT_LAYOUTS = "standard,ma,ma_offset,ma_pairs"
+
+
+def _device(name: str):
+    import torch
+
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def _dtype(name: str, device):
+    import torch
+
+    if name == "auto":
+        name = "bf16" if device.type == "cuda" else "fp32"
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
+
+
+# ----------------------------------------------------------------------------- generate
+
+
+def register_generate(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="generate text from a trained/exported model (or a random-weight recipe model)",
+        description="Batched generation with the MixAttention-aware KV cache (producers only; "
+        "sliding layers keep their last W tokens). Give --model (export folder, checkpoint or run "
+        "directory) or --recipe (random weights, for benchmarking).",
+    )
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--model", help="exported folder, checkpoint or run directory")
+    src.add_argument("--recipe", help='Hydra overrides in one string, e.g. "model=tiny layout=ma_offset" (random weights)')
+    p.add_argument("--prompt", action="append", default=None, help="prompt text (repeat for a batch); needs a tokenizer")
+    p.add_argument("--prompt-ids", action="append", default=None, help="prompt as comma-separated token ids (repeatable)")
+    p.add_argument("--tokenizer", default=None, help="tokenizer.json (default: the model folder's tokenizer.json)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with temperature > 0)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--stop-ids", default=None, help="comma-separated stop token ids (default: the tokenizer's EOS)")
+    p.add_argument("--prefill-chunk", type=int, default=512)
+    p.add_argument("--device", default="auto", help="auto (cuda if available), cpu, cuda, cuda:1 ...")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(func=cmd_generate)
+    return p
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError:
+        raise SystemExit(f"mixtrain generate: error: --prompt-ids/--stop-ids take comma-separated integers, got {text!r}")
+
+
+def _find_tokenizer(args):
+    from mixtrain.data.tokenizer import load_tokenizer_file
+
+    if args.tokenizer:
+        return load_tokenizer_file(args.tokenizer)
+    if args.model:
+        root = Path(args.model)
+        for cand in (root / "tokenizer.json", root / "export" / "tokenizer.json", root.parent / "tokenizer.json"):
+            if cand.is_file():
+                return load_tokenizer_file(cand)
+    return None
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    from mixtrain.errors import UserError
+    from mixtrain.infer.generate import Engine
+
+    def fail(msg: str) -> int:
+        print(f"mixtrain generate: error: {msg}", file=sys.stderr)
+        return 2
+
+    device = _device(args.device)
+    dtype = _dtype(args.dtype, device)
+    try:
+        tok = _find_tokenizer(args)
+    except Exception as e:  # DataError etc.: a bad tokenizer path
+        return fail(str(e))
+    prompts: list[list[int]] = [_ids(t) for t in (args.prompt_ids or [])]
+    if args.prompt:
+        if tok is None:
+            return fail("--prompt needs a tokenizer: pass --tokenizer tokenizer.json (or use a model folder "
+                        "holding tokenizer.json), or give token ids with --prompt-ids 1,2,3")
+        prompts += [tok.encode(t) for t in args.prompt]
+    if not prompts or any(not p for p in prompts):
+        return fail("give at least one non-empty --prompt or --prompt-ids")
+    try:
+        if args.recipe is not None:
+            from mixtrain.infer.bench import build_random_model
+
+            model, _ = build_random_model(args.recipe.split(), device, dtype, seed=args.seed)
+        else:
+            from mixtrain.train.export import load_model
+
+            model, _ = load_model(args.model, device=device, dtype=dtype)
+    except UserError as e:
+        return fail(str(e))
+    V = int(model.cfg.vocab_size)
+    bad = [i for p in prompts for i in p if not 0 <= i < V]
+    if bad:
+        return fail(f"token id {bad[0]} is outside the model's vocabulary (0..{V - 1})")
+    stop = _ids(args.stop_ids) if args.stop_ids else ([tok.eos_id] if tok is not None else [])
+
+    engine = Engine(model, prefill_chunk=args.prefill_chunk)
+    t0 = time.perf_counter()
+    out = engine.generate(prompts, args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
+                          stop_tokens=stop, seed=args.seed)
+    dt = time.perf_counter() - t0
+    n_new = sum(len(o) for o in out)
+    rows = []
+    for p, o in zip(prompts, out):
+        row = {"prompt_ids": p, "new_ids": o}
+        if tok is not None:
+            row["text"] = tok.decode(o)
+        rows.append(row)
+    info = {"device": str(device), "dtype": str(dtype).replace("torch.", ""), "seconds": dt, "new_tokens": n_new,
+            "kv_cache_bytes": engine.cache.allocated_bytes(), "layout": model.layout.name}
+    if args.json:
+        print(json.dumps({"outputs": rows, **info}))
+    else:
+        for b, r in enumerate(rows):
+            print(f"[{b}] " + (r["text"] if "text" in r else " ".join(map(str, r["new_ids"]))))
+        print(f"# {n_new} new tokens in {dt:.2f}s on {device} ({info['dtype']}), layout {info['layout']}, "
+              f"KV cache {info['kv_cache_bytes']:,} bytes", file=sys.stderr)
+    return 0
+
+
+# ----------------------------------------------------------------------------- bench
+
+
+def register_bench(subparsers) -> argparse.ArgumentParser:
+    """``bench`` with its sub-benchmarks (``infer`` for now); returns the ``bench`` parser.
+    Other sub-benchmarks register on ``parser.bench_subparsers``."""
+    p = subparsers.add_parser("bench", help="benchmarks", description="Benchmarks (random weights).")
+    sub = p.add_subparsers(dest="bench_command", required=True)
+    p.bench_subparsers = sub
+    register_bench_infer(sub)
+    return p
+
+
+def register_bench_infer(subparsers) -> argparse.ArgumentParser:
+    q = subparsers.add_parser(
+        "infer",
+        help="KV memory, batch capacity and prefill/decode throughput per layout",
+        description="For one model config and several layouts, measured in one run on one device with "
+        "random weights: KV bytes allocated per token (vs the accounting), the largest batch that fits a "
+        "memory budget at --context, prefill and decode tokens/s, peak memory. Writes a table, "
+        "bench_infer.json and kv_memory.png.",
+    )
+    q.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=paper_moe")
+    q.add_argument("--layouts", default=DEFAULT_LAYOUTS, help=f"comma-separated; the first is the baseline (default {DEFAULT_LAYOUTS})")
+    q.add_argument("--context", type=int, default=4096, help="context length of the capacity and decode measurements")
+    q.add_argument("--memory-budget", default="auto",
+                   help="bytes for the KV cache, e.g. 1GiB, 60GB (default auto: 90%% of the GPU minus the weights; 1GiB on CPU)")
+    q.add_argument("--include-weights", action="store_true", help="take the weights out of --memory-budget first")
+    q.add_argument("--decode-steps", type=int, default=16)
+    q.add_argument("--max-batch", type=int, default=None, help="cap of the decode batch (default 4096 on GPU, 8 on CPU)")
+    q.add_argument("--prefill-len", type=int, default=None, help="prompt length of the prefill measurement (default --context)")
+    q.add_argument("--prefill-batch", type=int, default=1)
+    q.add_argument("--prefill-chunk", type=int, default=None, help="default 2048 on GPU, 512 on CPU")
+    q.add_argument("--device", default="auto")
+    q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--out", default="bench_infer", help="output folder (default ./bench_infer)")
+    q.set_defaults(func=cmd_bench_infer)
+    return q
+
+
+def cmd_bench_infer(args: argparse.Namespace) -> int:
+    from mixtrain.infer.bench import format_table, run_bench
+
+    layouts = [x for x in args.layouts.split(",") if x]
+    if not layouts:
+        print("mixtrain bench infer: error: --layouts is empty", file=sys.stderr)
+        return 2
+    try:
+        result = run_bench(args.overrides, layouts, context=args.context, memory_budget=args.memory_budget,
+                           include_weights=args.include_weights, decode_steps=args.decode_steps,
+                           max_batch=args.max_batch, prefill_len=args.prefill_len, prefill_batch=args.prefill_batch,
+                           prefill_chunk=args.prefill_chunk, device=args.device, dtype=args.dtype, out=args.out,
+                           seed=args.seed)
+    except ValueError as e:
+        print(f"mixtrain bench infer: error: {e}", file=sys.stderr)
+        return 2
+    print(format_table(result))
+    print("wrote " + ", ".join(result.get("files", [])))
+    return 0
+
+
+# ----------------------------------------------------------------------------- argv entry points
+
+
+def _main(register, name: str, argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="mixtrain")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args([name] + list(argv))
+    return int(args.func(args) or 0)
+
+
+def generate_main(argv: list[str]) -> int:
+    """``mixtrain generate ARGV``."""
+    return _main(register_generate, "generate", argv)
+
+
+def bench_main(argv: list[str]) -> int:
+    """``mixtrain bench ARGV`` (e.g. ``["infer", "model=tiny", "--context", "512"]``)."""
+    return _main(register_bench, "bench", argv)

@@ -1,0 +1,231 @@
+"""The training job end to end on CPU: exact resume, crash-safe checkpoints, export,
+attention-only training, W&B offline logging, and the errors a user meets."""
+
+from __future__ import annotations
+
+import csv
+from pathlib import Path
+
+import pytest
+import torch
+
+from mixtrain.config import compose
+from mixtrain.errors import UserError
+from mixtrain.train.checkpoint import latest_checkpoint, list_checkpoints
+from mixtrain.train.export import export, load_model, read_checkpoint
+from mixtrain.train.run import train
+
+
+def base_overrides(cache: Path, root: Path, name: str, *extra: str) -> list[str]:
+    return [
+        "model=tiny",
+        "layout=ma_offset",
+        "logger=csv",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        f"data.cache_dir={cache}",
+        "data.embedded_max_chars=300000",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.global_batch_tokens=512",  # 2 micro-batches accumulated
+        "train.max_tokens=3072",  # 6 optimizer steps
+        "train.val_every_steps=3",
+        "train.val_batches=2",
+        "train.save_every_steps=3",
+        f"run.root={root}",
+        f"run.name={name}",
+        *extra,
+    ]
+
+
+def run(cache, root, name, *extra):
+    return train(compose(base_overrides(cache, root, name, *extra)))
+
+
+def losses(run_dir: Path) -> dict[int, float]:
+    """Per optimizer step training loss from the CSV log."""
+    out = {}
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        for row in csv.DictReader(f):
+            if row.get("train/loss"):
+                out[int(row["step"])] = float(row["train/loss"])
+    return out
+
+
+def weights(path: Path) -> dict[str, torch.Tensor]:
+    return read_checkpoint(path)[0]
+
+
+def test_resume_reproduces_uninterrupted_run_bitwise(shared_cache, tmp_path):
+    full = run(shared_cache, tmp_path, "full")
+    assert full["steps"] == 6
+
+    part = run(shared_cache, tmp_path, "split", "train.stop_after_steps=3")
+    assert part["steps"] == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [3]
+    rest = run(shared_cache, tmp_path, "split", "run.resume=auto")
+    assert rest["steps"] == 6
+
+    a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
+    assert len(a) >= 6 and a == b  # the same loss at every step, bit for bit
+    wa = weights(latest_checkpoint(tmp_path / "full"))
+    wb = weights(latest_checkpoint(tmp_path / "split"))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    # The data position travelled with the checkpoint.
+    ckpt = torch.load(latest_checkpoint(tmp_path / "split"), weights_only=False)
+    dm_state = next(v for k, v in ckpt.items() if "DataModule" in k)
+    assert dm_state["sampler"]["consumed"] == 6 * 2 * 4
+
+
+def test_existing_run_directory_is_refused_and_kept(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "once", "train.max_tokens=1024", "train.save_every_steps=1")
+    before = {p.name: p.stat().st_mtime_ns for _, p in list_checkpoints(tmp_path / "once")}
+    with pytest.raises(UserError, match=r"already holds checkpoints.*run\.resume=auto.*another run\.name"):
+        run(shared_cache, tmp_path, "once", "train.max_tokens=1024")
+    after = {p.name: p.stat().st_mtime_ns for _, p in list_checkpoints(tmp_path / "once")}
+    assert before == after
+
+
+def test_crash_mid_save_leaves_last_good_checkpoint(shared_cache, tmp_path, monkeypatch):
+    import lightning as L
+
+    real_save = L.Trainer.save_checkpoint
+
+    def crashing_save(self, filepath, *a, **k):
+        if self.global_step >= 4:
+            Path(filepath).write_bytes(b"half a checkpoint")  # the process dies mid-write
+            raise KeyboardInterrupt("killed while saving")
+        return real_save(self, filepath, *a, **k)
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", crashing_save)
+    with pytest.raises(BaseException):
+        run(shared_cache, tmp_path, "crash", "train.save_every_steps=2")
+    ckpts = list_checkpoints(tmp_path / "crash")
+    assert [s for s, _ in ckpts] == [2]
+    assert (tmp_path / "crash" / "checkpoints" / ".tmp-step-00000004.ckpt").exists()
+    assert latest_checkpoint(tmp_path / "crash") == ckpts[0][1]
+
+    # A damaged newest checkpoint is skipped in favour of the previous good one.
+    bad = tmp_path / "crash" / "checkpoints" / "step-00000009.ckpt"
+    bad.write_bytes(b"PK\x03\x04 truncated")
+    assert latest_checkpoint(tmp_path / "crash") == ckpts[0][1]
+
+    monkeypatch.setattr(L.Trainer, "save_checkpoint", real_save)
+    bad.unlink()
+    resumed = run(shared_cache, tmp_path, "crash", "train.save_every_steps=2", "run.resume=auto")
+    assert resumed["steps"] == 6
+    assert not list((tmp_path / "crash" / "checkpoints").glob(".tmp-*"))
+
+
+def test_export_loads_on_one_device_with_identical_logits(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "exp", "train.max_tokens=1024")
+    out = export(tmp_path / "exp", tmp_path / "exported")
+    assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+    model, cfg = load_model(out)
+    ref, _ = load_model(tmp_path / "exp")  # straight from the checkpoint
+    x = torch.randint(0, cfg.model.vocab_size, (2, 40))
+    with torch.no_grad():
+        assert torch.equal(model(x).logits, ref(x).logits)
+    assert cfg.layout.preset == "ma_offset"
+
+
+def test_attention_only_training_freezes_the_rest(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "stage1", "train.max_tokens=1024")
+    start = weights(latest_checkpoint(tmp_path / "stage1"))
+    run(
+        shared_cache,
+        tmp_path,
+        "stage2",
+        "train.max_tokens=1024",
+        "train.trainable=attention",
+        f"train.init_from={tmp_path / 'stage1'}",
+        "model.rope_theta=80000",
+    )
+    end = weights(latest_checkpoint(tmp_path / "stage2"))
+    changed = {k for k in start if not torch.equal(start[k], end[k])}
+    assert changed, "attention weights should train"
+    assert all(".attn." in k for k in changed), sorted(changed)
+    assert any(k.endswith("attn.wq.weight") for k in changed)
+
+
+def wandb_records(path: Path):
+    """The records of a .wandb file: a 7-byte file header, then LevelDB-style log
+    blocks of 32 KiB holding [crc32 (4) | length (2, LE) | type (1) | data] chunks
+    (type 1 full, 2 first, 3 middle, 4 last)."""
+    import struct
+
+    raw = path.read_bytes()
+    assert raw[:4] == b":W&B", "not a W&B transaction log"
+    pos, block, pending = 7, 32768, b""
+    while pos + 7 <= len(raw):
+        left = block - pos % block
+        if left < 7:  # block trailer padding
+            pos += left
+            continue
+        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
+        if kind == 0 and length == 0:
+            pos += left
+            continue
+        data = raw[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 1:
+            yield data
+        elif kind == 2:
+            pending = data
+        elif kind == 3:
+            pending += data
+        elif kind == 4:
+            yield pending + data
+            pending = b""
+
+
+def test_wandb_offline_run_holds_the_metrics(shared_cache, tmp_path):
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    run(shared_cache, tmp_path, "wb", "logger=wandb", "logger.mode=offline", "train.max_tokens=2048")
+    files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1
+    history, config, summary = set(), {}, {}
+    for data in wandb_records(files[0]):
+        rec = wandb_internal_pb2.Record()
+        rec.ParseFromString(data)
+        kind = rec.WhichOneof("record_type")
+        if kind == "history":
+            history.update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+        elif kind == "config":
+            config.update({item.key: item.value_json for item in rec.config.update})
+        elif kind == "run":
+            config.update({item.key: item.value_json for item in rec.run.config.update})
+        elif kind == "summary":
+            summary.update({item.key: item.value_json for item in rec.summary.update})
+    for key in ("train/loss", "train/lr", "train/grad_norm", "perf/tokens_per_s", "val/loss"):
+        assert key in history, (key, sorted(history))
+    assert "model" in config and "tiny" in config["model"]
+    assert "kv_bytes_per_token_32k" in summary
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["train.seq_len=512"], r"train\.seq_len=512 is longer than the model's model\.max_seq_len=256"),
+        (["train.global_batch_tokens=1000"], r"train\.global_batch_tokens=1000 is not a multiple of .* = 256"),
+        (["train.max_tokens=100"], r"train\.max_tokens=100 is less than one optimizer step"),
+        (["layout=ma_successive_1"], r"layout: .*24 layers"),
+        (["data=files", "data.paths=[/no/such/file.txt]"], r"/no/such/file\.txt"),
+        (["train.trainable=mlp"], r"train\.trainable='mlp' is not known"),
+    ],
+)
+def test_bad_input_gets_a_clear_error(shared_cache, tmp_path, extra, message):
+    with pytest.raises(Exception, match=message):
+        run(shared_cache, tmp_path, "bad", *extra)
+    assert not list_checkpoints(tmp_path / "bad")
+
+
+def test_unknown_override_names_the_key():
+    with pytest.raises(Exception, match="d_modle"):
+        compose(["model.d_modle=3"])
+    with pytest.raises(Exception, match="n_layers"):
+        compose(["model.n_layers=six"])
