@@ -187,6 +187,7 @@ def register_bench_infer(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     q.add_argument("--out", default="bench_infer", help="output folder (default ./bench_infer)")
     q.set_defaults(func=cmd_bench_infer)
     return q
@@ -204,7 +205,7 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
                            include_weights=args.include_weights, decode_steps=args.decode_steps,
                            max_batch=args.max_batch, prefill_len=args.prefill_len, prefill_batch=args.prefill_batch,
                            prefill_chunk=args.prefill_chunk, device=args.device, dtype=args.dtype, out=args.out,
-                           seed=args.seed)
+                           seed=args.seed, repeats=args.repeats)
     except ValueError as e:
         print(f"mixtrain bench infer: error: {e}", file=sys.stderr)
         return 2

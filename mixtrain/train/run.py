@@ -161,12 +161,15 @@ def _wandb_run_id(run_dir: Path) -> str:
     return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
 
 
-def make_strategy(cfg: DictConfig, on_gpu: bool):
+def make_strategy(cfg: DictConfig, on_gpu: bool, world_size: int):
     kind = cfg.trainer.strategy
     if kind == "fsdp":
         from lightning.pytorch.strategies import ModelParallelStrategy
 
-        return ModelParallelStrategy(data_parallel_size="auto", tensor_parallel_size=1, save_distributed_checkpoint=True)
+        # Every process is one data-parallel shard (no tensor parallelism).
+        return ModelParallelStrategy(
+            data_parallel_size=world_size, tensor_parallel_size=1, save_distributed_checkpoint=True
+        )
     if kind == "ddp":
         from lightning.pytorch.strategies import DDPStrategy
 
@@ -240,7 +243,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         accelerator="gpu" if on_gpu else "cpu",
         devices=cfg.trainer.devices if cfg.trainer.devices != "auto" else "auto",
         num_nodes=cfg.trainer.num_nodes,
-        strategy=make_strategy(cfg, on_gpu),
+        strategy=make_strategy(cfg, on_gpu, world),
         precision=precision,
         max_steps=plan["total_steps"],
         accumulate_grad_batches=plan["accumulate"],
