@@ -72,7 +72,7 @@ def _layout_main(argv: list[str]) -> int:
     contexts = [4096, 32768, 131072]
     if args.context and args.context not in contexts:
         contexts.append(args.context)
-    summary = layout_summary(cfg.model, layout, contexts=tuple(contexts), context=args.context)
+    summary = layout_summary(cfg.model, layout, contexts=tuple(sorted(contexts)), context=args.context)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

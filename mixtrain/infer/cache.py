@@ -93,10 +93,12 @@ class KVCache:
 
     # -- the one operation the engine needs ---------------------------------------------
 
-    def append_and_read(self, layer: int, k: Optional[Tensor], v: Tensor) -> tuple[Optional[Tensor], Tensor, Tensor]:
+    def append_and_read(self, layer: int, k: Optional[Tensor], v: Tensor,
+                        want_cols: bool = True) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
         """Store the K/V of columns ``length .. length+t-1`` (k, v: [B, Hkv, t, D]; k None
         for a V-only layer) in ``layer``'s buffers and return what a query of these columns
-        attends over: (K [B,Hkv,S,D] | None, V [B,Hkv,S,D], key columns long [S]).
+        attends over: (K [B,Hkv,S,D] | None, V [B,Hkv,S,D], key columns long [S], or None
+        without ``want_cols``: a decode step that needs no mask skips computing them).
 
         Global: slices of the buffer (no copy). Sliding, one column: write the slot, then
         read the ring (the evicted column is outside the new query's window). Sliding,
@@ -117,7 +119,7 @@ class KVCache:
             if kbuf is not None:
                 kbuf[:, :, L0:L1] = k
             vbuf[:, :, L0:L1] = v
-            cols = torch.arange(L1, device=self.device)
+            cols = torch.arange(L1, device=self.device) if want_cols else None
             return (kbuf[:, :, :L1] if kbuf is not None else None), vbuf[:, :, :L1], cols
         if t == 1:
             slot = L0 % cap
@@ -125,7 +127,7 @@ class KVCache:
                 kbuf[:, :, slot:slot + 1] = k
             vbuf[:, :, slot:slot + 1] = v
             S = min(L1, cap)
-            cols = self.slot_columns(cap, L1)[:S]
+            cols = self.slot_columns(cap, L1)[:S] if want_cols else None
             return (kbuf[:, :, :S] if kbuf is not None else None), vbuf[:, :, :S], cols
         S0 = min(L0, cap)
         new_cols = torch.arange(L0, L1, device=self.device)

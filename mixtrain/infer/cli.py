@@ -187,6 +187,8 @@ def register_bench_infer(subparsers) -> argparse.ArgumentParser:
     q.add_argument("--device", default="auto")
     q.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="auto: bf16 on cuda, fp32 on cpu")
     q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: torch's); 1 gives steadier CPU timings on a busy machine")
     q.add_argument("--repeats", type=int, default=3, help="timings are the best of this many runs")
     q.add_argument("--out", default="bench_infer", help="output folder (default ./bench_infer)")
     q.set_defaults(func=cmd_bench_infer)
@@ -197,6 +199,10 @@ def cmd_bench_infer(args: argparse.Namespace) -> int:
     from mixtrain.infer.bench import format_table, run_bench
 
     layouts = [x for x in args.layouts.split(",") if x]
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     if not layouts:
         print("mixtrain bench infer: error: --layouts is empty", file=sys.stderr)
         return 2

@@ -148,7 +148,7 @@ class Engine:
             if attn.role == "consumer":
                 K, V = reads[spec.kv_source]
             else:
-                K, V, cols = cache.append_and_read(i, k, v)
+                K, V, cols = cache.append_and_read(i, k, v, want_cols=need_mask)
                 reads[i] = (K, V)
                 if spec.mask_key not in masks:
                     masks[spec.mask_key] = key_mask(q_cols, cols, cache.pad, spec.window) if need_mask else None

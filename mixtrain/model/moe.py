@@ -126,7 +126,8 @@ class MoE(nn.Module):
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         impl = self.expert_impl
         if impl is None:
-            impl = "grouped" if (x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16) else "loop"
+            # Meta tensors (shape checks) take the grouped path: it needs no counts on the host.
+            impl = "grouped" if (x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16) or x_sorted.is_meta else "loop"
         fn = swiglu_experts_grouped if impl == "grouped" else swiglu_experts_loop
         return fn(x_sorted, counts, self.w1, self.w3, self.w2)
 
@@ -141,7 +142,9 @@ class MoE(nn.Module):
         flat_experts = experts.reshape(-1)  # [N*k]
         order = torch.argsort(flat_experts, stable=True)  # [N*k]
         token_idx = order // self.top_k  # [N*k] token of each sorted assignment
-        counts = torch.bincount(flat_experts, minlength=self.n_experts)  # [E]
+        # Tokens per expert without a host sync (bincount would need the max on the host).
+        counts = torch.zeros(self.n_experts, dtype=torch.long, device=x.device)
+        counts = counts.scatter_add(0, flat_experts, torch.ones_like(flat_experts))  # [E]
 
         x_sorted = x_flat[token_idx]  # [N*k, C]
         y_sorted = self.experts(x_sorted, counts)  # [N*k, C]
