@@ -6,6 +6,12 @@
     mixtrain export RUN_OR_CKPT      one safetensors file + the resolved config
     mixtrain data   tokenizer|prepare
                                      train a BPE tokenizer, build the packed cache
+    mixtrain generate --model RUN_OR_EXPORT --prompt TEXT
+                                     sample from a model with a KV cache that owns producers only
+    mixtrain bench  infer [overrides] --layouts standard,ma_offset,...
+                                     KV memory, batch capacity, prefill/decode speed per layout
+    mixtrain eval   ...              RULER-style long-context tasks, perplexity
+    mixtrain compare RUNS...         tables and plots across runs or a sweep
 
 ``train`` hands the command line to Hydra (``@hydra.main``); the other commands
 use argparse and compose the same recipes through :func:`mixtrain.config.compose`,
@@ -106,15 +112,37 @@ def _data_main(argv: list[str]) -> int:
     return int(args.func(args) or 0)
 
 
+# Commands whose parsers live next to their code: (module, function that adds the
+# command to an argparse subparsers object and sets ``func``).
+REGISTERED = {
+    "generate": ("mixtrain.infer.cli", "register_generate"),
+    "bench": ("mixtrain.infer.cli", "register_bench"),
+    "eval": ("mixtrain.eval.cli", "register"),
+    "compare": ("mixtrain.report", "register_compare"),
+}
+
+
+def _registered_main(command: str, argv: list[str]) -> int:
+    import importlib
+
+    module, function = REGISTERED[command]
+    parser = argparse.ArgumentParser(prog="mixtrain")
+    sub = parser.add_subparsers(dest="command", required=True)
+    getattr(importlib.import_module(module), function)(sub)
+    args = parser.parse_args([command, *argv])
+    return int(args.func(args) or 0)
+
+
 def _usage() -> str:
     return __doc__.split("\n\n")[1] if __doc__ else ""
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    commands = (*COMMANDS, *REGISTERED)
     # Lightning re-runs this command line (minus our sub-command) for each extra
     # local process it launches; those processes carry LOCAL_RANK.
-    if argv and argv[0] not in COMMANDS and "LOCAL_RANK" in os.environ and not argv[0].startswith("-"):
+    if argv and argv[0] not in commands and "LOCAL_RANK" in os.environ and not argv[0].startswith("-"):
         argv = ["train"] + argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print("usage: mixtrain <command> ...\n" + _usage())
@@ -124,13 +152,21 @@ def main(argv: list[str] | None = None) -> int:
         sys.argv = [sys.argv[0]] + rest
         _train_main()
         return 0
-    if command == "layout":
-        return _layout_main(rest)
-    if command == "export":
-        return _export_main(rest)
-    if command == "data":
-        return _data_main(rest)
-    print(f"mixtrain: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
+    from mixtrain.errors import UserError
+
+    try:
+        if command == "layout":
+            return _layout_main(rest)
+        if command == "export":
+            return _export_main(rest)
+        if command == "data":
+            return _data_main(rest)
+        if command in REGISTERED:
+            return _registered_main(command, rest)
+    except UserError as e:
+        print(f"mixtrain {command}: error: {e}", file=sys.stderr)
+        return 2
+    print(f"mixtrain: unknown command {command!r}; choose one of: {', '.join(commands)}", file=sys.stderr)
     return 2
 
 

@@ -94,6 +94,8 @@ class DataConfig:
     "hub" (an HF hub data set by ``hub_name``; needs network, never the default).
     """
 
+    # What the examples are: "pretrain" (packed next-token sequences).
+    kind: str = "pretrain"
     source: str = "embedded"
     paths: Optional[list[str]] = None
     hub_name: Optional[str] = None

@@ -215,3 +215,27 @@ def test_generate_command_from_recipe(capsys):
     bad = _parse(register_generate, ["generate", "--recipe", "model=tiny", "--prompt", "hello"])
     assert bad.func(bad) == 2  # text needs a tokenizer
     assert "tokenizer" in capsys.readouterr().err
+
+
+def test_generate_command_from_export_with_tokenizer(tmp_path, capsys):
+    """An export folder (model.safetensors + config.yaml + tokenizer.json): --prompt text is
+    encoded, the output equals generate() on the same weights, and EOS stops a row."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from mixtrain.config import compose
+    from mixtrain.data.tokenizer import train_bpe
+    from mixtrain.infer.bench import build_random_model
+
+    model, cfg = build_random_model(["model=tiny", "layout=ma_offset"], torch.device("cpu"), torch.float32, seed=3)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, tmp_path / "model.safetensors")
+    OmegaConf.save(OmegaConf.create({"model": cfg.model, "layout": cfg.layout}), tmp_path / "config.yaml")
+    tok = train_bpe(["the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    tok.save(tmp_path / "tokenizer.json")
+    args = _parse(register_generate, ["generate", "--model", str(tmp_path), "--prompt", "the quick brown",
+                                      "--max-new-tokens", "7", "--json"])
+    assert args.func(args) == 0
+    res = json.loads(capsys.readouterr().out)["outputs"][0]
+    assert res["prompt_ids"] == tok.encode("the quick brown")
+    want = generate(model, [res["prompt_ids"]], 7, stop_tokens=[tok.eos_id])[0]
+    assert res["new_ids"] == want and res["text"] == tok.decode(want)

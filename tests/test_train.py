@@ -123,6 +123,7 @@ def test_export_loads_on_one_device_with_identical_logits(shared_cache, tmp_path
     run(shared_cache, tmp_path, "exp", "train.max_tokens=1024")
     out = export(tmp_path / "exp", tmp_path / "exported")
     assert (out / "model.safetensors").is_file() and (out / "config.yaml").is_file()
+    assert (out / "tokenizer.json").is_file()  # generation needs no data cache
     model, cfg = load_model(out)
     ref, _ = load_model(tmp_path / "exp")  # straight from the checkpoint
     x = torch.randint(0, cfg.model.vocab_size, (2, 40))

@@ -36,3 +36,15 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"{__name__}.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def build_datamodule(cfg, *, seq_len: int, micro_batch_size: int, vocab_size: int):
+    """The LightningDataModule for ``data.kind``."""
+    kind = cfg.get("kind", "pretrain") if hasattr(cfg, "get") else getattr(cfg, "kind", "pretrain")
+    if kind == "pretrain":
+        from mixtrain.data.pretrain import PretrainDataModule
+
+        return PretrainDataModule(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, vocab_size=vocab_size)
+    from mixtrain.errors import UserError
+
+    raise UserError(f"data.kind={kind!r} is not known; use pretrain")

@@ -276,10 +276,11 @@ def plot_kv_memory(result: dict[str, Any], path: Path, model_cfg_by_layout: dict
     hi = max(ctx * 4, 8192)
     xs = sorted({int(round(2 ** e)) for e in [x / 4 for x in range(4 * 6, int(4 * math.log2(hi)) + 1)]} | {ctx})
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
-    for r in result["layouts"]:
+    styles = ["-", "--", "-.", ":"]
+    for n, r in enumerate(result["layouts"]):
         mc, layout = model_cfg_by_layout[r["layout"]]
         ys = [kv_bytes_per_sequence(mc, layout, x, m["dtype_bytes"]) for x in xs]
-        (line,) = ax.plot(xs, ys, label=f"{r['layout']} ({layout.summary().replace(' KV caches', '')})")
+        (line,) = ax.plot(xs, ys, ls=styles[n % len(styles)], lw=1.6, label=f"{r['layout']} ({layout.summary().replace(' KV caches', '')})")
         ax.plot([ctx], [r["kv_bytes_per_sequence"]], "o", color=line.get_color())
     ax.axvline(ctx, color="grey", lw=0.8, ls=":")
     ax.set_xscale("log", base=2)

@@ -74,6 +74,21 @@ class LayoutRecord(L.Callback):
                 experiment.log({"layout/diagram": wandb.Html(f"<pre>{self.text}</pre>")}, commit=False)
 
 
+class SaveTokenizer(L.Callback):
+    """Keeps the run directory self-contained: its tokenizer.json travels with the
+    checkpoints and into exports."""
+
+    def __init__(self, run_dir) -> None:
+        from pathlib import Path
+
+        self.path = Path(run_dir) / "tokenizer.json"
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        dm = getattr(trainer, "datamodule", None)
+        if trainer.is_global_zero and dm is not None and hasattr(dm, "tokenizer"):
+            dm.tokenizer.save(self.path)
+
+
 class StopAfterSteps(L.Callback):
     """Ends this invocation after ``steps`` optimizer steps (the last checkpoint is
     written on the way out); the run continues later with ``run.resume=auto``."""

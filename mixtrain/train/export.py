@@ -4,6 +4,7 @@ safetensors file plus the resolved config, loadable on one device."""
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Optional
@@ -86,7 +87,19 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
     os.replace(tmp, out_dir / "model.safetensors")
     OmegaConf.save(OmegaConf.create(cfg), out_dir / "config.yaml")
+    tokenizer = _run_dir_of(Path(source)) / "tokenizer.json"
+    if tokenizer.is_file() and tokenizer.resolve() != (out_dir / "tokenizer.json").resolve():
+        shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     return out_dir
+
+
+def _run_dir_of(path: Path) -> Path:
+    """The run directory a checkpoint path belongs to (itself for a run directory)."""
+    if (path / "checkpoints").is_dir():
+        return path
+    if path.parent.name == "checkpoints":
+        return path.parent.parent
+    return path if path.is_dir() else path.parent
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):

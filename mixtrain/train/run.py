@@ -184,8 +184,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
     from lightning.pytorch.callbacks import TQDMProgressBar
 
-    from mixtrain.data.pretrain import PretrainDataModule
-    from mixtrain.train.callbacks import LayoutRecord, StopAfterSteps, ThroughputMonitor
+    from mixtrain.data import build_datamodule
+    from mixtrain.train.callbacks import LayoutRecord, SaveTokenizer, StopAfterSteps, ThroughputMonitor
     from mixtrain.train.checkpoint import AtomicCheckpoint
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
@@ -213,7 +213,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.train.init_from and ckpt_path is None:
         module.init_state_dict, _ = read_checkpoint(cfg.train.init_from)
 
-    data = PretrainDataModule(
+    data = build_datamodule(
         cfg.data,
         seq_len=cfg.train.seq_len,
         micro_batch_size=cfg.train.micro_batch_size,
@@ -233,6 +233,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints),
         ThroughputMonitor(tokens_per_step, flops),
         LayoutRecord(diagram(layout), figures),
+        SaveTokenizer(run_dir),
     ]
     if cfg.train.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
