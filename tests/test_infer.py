@@ -69,6 +69,15 @@ def test_cached_decode_matches_full_forward(cfg, name):
     assert e.cache.length == T
 
 
+def test_bf16_cache_close_to_full_forward():
+    model = build_model(CFG, layout_for("ma_pairs", 6), device="cpu", seed=7).to(torch.bfloat16)
+    model.reset_rope()  # .to(bf16) cast the model's RoPE tables; the engine keeps its own in fp32
+    ids = ids_for(3 * W, B=2)
+    got, e = cached_logits(model, ids, n_prompt=W + 1, chunk=4)
+    assert e.cache.k[0].dtype == torch.bfloat16
+    torch.testing.assert_close(got.float(), model(ids).logits.float(), atol=2e-2, rtol=0)
+
+
 @pytest.mark.parametrize("chunk", [1, 3, W, 2 * W + 3, 100])
 @pytest.mark.parametrize("name", ["ma_pairs", "shared"])
 def test_chunked_prefill_matches_full_forward(name, chunk):
@@ -223,7 +232,6 @@ def test_generate_command_from_export_with_tokenizer(tmp_path, capsys):
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
-    from mixtrain.config import compose
     from mixtrain.data.tokenizer import train_bpe
     from mixtrain.infer.bench import build_random_model
 

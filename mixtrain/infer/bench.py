@@ -217,10 +217,6 @@ def bench_layout(overrides: Sequence[str], layout_name: str, *, context: int, bu
                    attn_bytes_per_step=attn_bytes, attn_step_s=attn_s,
                    attn_bw_GBs=attn_bytes / attn_s / 1e9, step_bw_GBs=attn_bytes / step_s / 1e9)
     engine.cache = None
-    del engine, model, cache
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
@@ -334,6 +330,9 @@ def run_bench(overrides: Sequence[str], layouts: Sequence[str], *, context: int,
                          prefill_batch=prefill_batch, prefill_chunk=prefill_chunk, device=dev, dtype=tdtype, seed=seed,
                          repeats=repeats)
         r["bench_s"] = time.perf_counter() - t0
+        gc.collect()  # free this layout's model and cache before the next one
+        if dev.type == "cuda":
+            torch.cuda.empty_cache()
         rows.append(r)
         if not quiet:
             print(f"  {name}: done in {r['bench_s']:.1f}s", flush=True)

@@ -124,6 +124,7 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dt
         raise UserError(f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if dtype is not None:
         model.to(dtype)
+        model.reset_rope()  # RoPE tables stay fp32
     return model.eval(), cfg
 
 
