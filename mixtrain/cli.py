@@ -10,6 +10,8 @@
                                      sample from a model with a KV cache that owns producers only
     mixtrain bench  infer [overrides] --layouts standard,ma_offset,...
                                      KV memory, batch capacity, prefill/decode speed per layout
+    mixtrain bench  train [overrides] --compare layout=standard
+                                     tokens/s, MFU, peak memory of training steps vs a baseline
     mixtrain eval   ...              RULER-style long-context tasks, perplexity
     mixtrain compare RUNS...         tables and plots across runs or a sweep
 
@@ -29,25 +31,122 @@ COMMANDS = ("train", "layout", "export", "data")
 
 
 def _train_main() -> None:
+    """``mixtrain train [-m] overrides...`` through ``@hydra.main``.
+
+    Under ``-m`` (a sweep) every point is one job with its own run directory (Hydra's
+    sweep subdir, named by the swept values only) and its own W&B run, grouped by the
+    sweep. A point that fails is recorded (``<run dir>/result.json``, status "failed")
+    and the sweep goes on; the command then exits with 1, naming the failed points.
+    A single run that meets a user error exits with 2.
+    """
     import hydra
 
-    from mixtrain.config import RECIPES_PACKAGE, setup_hydra
+    from mixtrain.config import RECIPES_PACKAGE, run_stamp, setup_hydra
+
+    def _sweep_overrides(argv: list[str]) -> list[str]:
+        """Extra Hydra overrides for a sweep, added unless the user set them.
+
+        - Name each job's directory by the swept values only (``0-layout=standard``): the
+          overrides every point shares (paths included) are excluded from
+          ``hydra.job.override_dirname``; the full list stays in ``.hydra/overrides.yaml``.
+        - A Hydra callback that finds the failed points after the sweep, on any launcher.
+        Harmless in a single run (its directory does not use override_dirname).
+        """
+        from hydra.core.override_parser.overrides_parser import OverridesParser
+
+        args = [a for a in argv if not a.startswith("-")]
+        try:
+            parsed = OverridesParser.create().parse_overrides(args)
+        except Exception:  # noqa: BLE001 - let Hydra report the bad override itself
+            return argv
+        keys = {o.key_or_group for o in parsed}
+        extra = []
+        dirname_key = "hydra.job.config.override_dirname.exclude_keys"
+        if dirname_key not in keys:
+            fixed = [o.key_or_group for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]
+            exclude = list(dict.fromkeys([*_recipe_exclude_keys(), *fixed]))
+            extra.append(f"{dirname_key}=[" + ",".join(f"'{k}'" for k in exclude) + "]")
+        if "hydra.callbacks.mixtrain_sweep" not in keys:
+            extra.append("+hydra.callbacks.mixtrain_sweep={_target_:mixtrain.report.SweepOutcome}")
+        return [*argv, *extra]
+
+    def _recipe_exclude_keys() -> list[str]:
+        """The override_dirname exclude_keys of the root recipe (recipes/train.yaml)."""
+        from importlib import resources
+
+        from omegaconf import OmegaConf
+
+        try:
+            text = (resources.files(RECIPES_PACKAGE) / "train.yaml").read_text()
+            keys = OmegaConf.select(OmegaConf.create(text), "hydra.job.config.override_dirname.exclude_keys")
+            return [str(k) for k in keys or []]
+        except Exception:  # noqa: BLE001
+            return ["experiment", "run.root", "run.resume", "trainer.devices", "trainer.progress_bar"]
 
     setup_hydra()
+    # Every job of a sweep (and every SLURM task a submitit launcher starts on another
+    # machine, which inherits the environment) must agree on the sweep's stamp.
+    os.environ.setdefault("MIXTRAIN_RUN_STAMP", run_stamp())
+    sys.argv = [sys.argv[0], *_sweep_overrides(sys.argv[1:])]
+    failed: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{RECIPES_PACKAGE}", config_name="train")
     def _run(cfg) -> float | None:
-        from mixtrain.errors import UserError
-        from mixtrain.train.run import train
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
 
+        from mixtrain.config import setup_hydra as _setup  # a submitit job runs in a fresh process
+        from mixtrain.errors import UserError
+        from mixtrain.train.run import run_dir_of, train, write_result
+
+        _setup()
+        hc = HydraConfig.get()
+        if hc.mode != RunMode.MULTIRUN:
+            try:
+                result = train(cfg)
+            except UserError as e:
+                print(f"mixtrain train: error: {e}", file=sys.stderr)
+                sys.exit(2)
+            return result.get("val_loss") if result else None
+
+        point = f"#{hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'})"
         try:
             result = train(cfg)
-        except UserError as e:
-            print(f"mixtrain train: error: {e}", file=sys.stderr)
-            sys.exit(2)
+        except Exception as e:  # noqa: BLE001 - one failed point must not stop the sweep
+            import traceback
+
+            run_dir = run_dir_of(cfg)
+            if not isinstance(e, UserError):
+                traceback.print_exc()
+            print(
+                f"mixtrain train: sweep point {point} failed: {type(e).__name__}: {e}\n"
+                f"  Its run directory is {run_dir} (result.json records the error); the other points go on. "
+                f"Rerun this point alone with: mixtrain train {' '.join(hc.overrides.task)}",
+                file=sys.stderr,
+            )
+            if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+                write_result(
+                    run_dir,
+                    {"status": "failed", "error": f"{type(e).__name__}: {e}", "job_num": hc.job.num,
+                     "overrides": list(hc.overrides.task), "run_dir": str(run_dir)},
+                )
+            failed.append(f"{run_dir.name} ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''})")
+            return None
         return result.get("val_loss") if result else None
 
     _run()
+    from mixtrain.report import SweepOutcome
+
+    # Jobs that ran in this process, and those a remote launcher (submitit) ran
+    # elsewhere, which SweepOutcome found in the sweep directory's result.json files.
+    failed = SweepOutcome.failed or failed
+    if failed:
+        print(
+            f"mixtrain train: {len(failed)} sweep point(s) failed: " + "; ".join(failed)
+            + (f". Sweep directory: {SweepOutcome.sweep_dir}" if SweepOutcome.sweep_dir else ""),
+            file=sys.stderr,
+        )
+        sys.exit(1)
 
 
 def _layout_main(argv: list[str]) -> int:
@@ -116,10 +215,18 @@ def _data_main(argv: list[str]) -> int:
 # command to an argparse subparsers object and sets ``func``).
 REGISTERED = {
     "generate": ("mixtrain.infer.cli", "register_generate"),
-    "bench": ("mixtrain.infer.cli", "register_bench"),
+    "bench": ("mixtrain.cli", "_register_bench"),
     "eval": ("mixtrain.eval.cli", "register"),
     "compare": ("mixtrain.report", "register_compare"),
 }
+
+
+def _register_bench(sub) -> None:
+    """``mixtrain bench infer`` (inference engine) and ``mixtrain bench train``."""
+    from mixtrain.infer.cli import register_bench
+    from mixtrain.train import bench
+
+    bench.register(register_bench(sub).bench_subparsers)
 
 
 def _registered_main(command: str, argv: list[str]) -> int:

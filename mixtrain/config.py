@@ -120,6 +120,27 @@ class DataConfig:
     # Use at most this many documents (null: all). Required with hub streaming, since
     # the packed cache is built from a finite prefix of the stream.
     max_documents: Optional[int] = None
+    # ---- data.kind=longqa (the paper's stage 3; mixtrain/data/longqa.py). Documents are
+    # cut into ~qa_chunk_tokens-token chunks, one QA pair per chunk, chunks of different
+    # documents concatenated up to seq_len, all QA pairs appended, loss on answers only.
+    # Where the pairs come from: "offline" (generated from each chunk's own text, no
+    # model), "jsonl" (qa_path: records with context/question/answer) or "hf" (an HF
+    # data set qa_hub_name with those fields; needs network or an HF cache).
+    qa_source: str = "offline"
+    # Offline generator: "fact" (a planted "secret code" sentence), "span" (continue a
+    # quoted span of the chunk), "mixed" (either, per chunk), or "module:function" taking
+    # (chunk_text, random.Random) and returning (context, question, answer).
+    qa_generator: str = "mixed"
+    qa_chunk_tokens: int = 1024
+    qa_path: Optional[str] = None
+    qa_hub_name: Optional[str] = None
+    qa_hub_config: Optional[str] = None
+    qa_hub_split: str = "train"
+    qa_context_field: str = "context"
+    qa_question_field: str = "question"
+    qa_answer_field: str = "answer"
+    # Build at most this many training examples (null: until the chunks run out).
+    qa_max_examples: Optional[int] = None
 
 
 @dataclass

@@ -4,6 +4,7 @@
 - :mod:`mixtrain.data.tokenizer`: ``get_tokenizer``, ``train_bpe``, ``Tok``
 - :mod:`mixtrain.data.pretrain`: ``prepare``, ``PackedDataset``, ``ResumableSampler``,
   ``PretrainDataModule``
+- :mod:`mixtrain.data.longqa`: ``prepare_longqa``, ``LongQADataModule`` (stage-3 long-context QA)
 - :mod:`mixtrain.data.cli`: the ``mixtrain data`` subcommands
 
 Imports are lazy so ``import mixtrain.data`` stays cheap (no torch/datasets import).
@@ -27,6 +28,8 @@ _EXPORTS = {
     "PackedDataset": "pretrain",
     "ResumableSampler": "pretrain",
     "PretrainDataModule": "pretrain",
+    "LongQADataModule": "longqa",
+    "prepare_longqa": "longqa",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -45,6 +48,10 @@ def build_datamodule(cfg, *, seq_len: int, micro_batch_size: int, vocab_size: in
         from mixtrain.data.pretrain import PretrainDataModule
 
         return PretrainDataModule(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, vocab_size=vocab_size)
+    if kind == "longqa":
+        from mixtrain.data.longqa import LongQADataModule
+
+        return LongQADataModule(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, vocab_size=vocab_size)
     from mixtrain.errors import UserError
 
-    raise UserError(f"data.kind={kind!r} is not known; use pretrain")
+    raise UserError(f"data.kind={kind!r} is not known; use pretrain or longqa")

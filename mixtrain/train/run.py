@@ -100,12 +100,18 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
         mode = cfg.logger.mode
         if mode == "auto":
             mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+        group, tags, name = cfg.logger.group, list(cfg.logger.tags), cfg.run.name
+        sweep = _sweep_point()
+        if sweep:  # one W&B run per sweep point, grouped by the sweep, tagged by its values
+            group = group or sweep["group"]
+            tags = list(dict.fromkeys([*tags, "sweep", *sweep["tags"]]))
+            name = f"{name}-{sweep['num']}"
         return WandbLogger(
             project=cfg.logger.project,
             entity=cfg.logger.entity,
-            group=cfg.logger.group,
-            tags=list(cfg.logger.tags) or None,
-            name=cfg.run.name,
+            group=group,
+            tags=[t[:64] for t in tags] or None,  # W&B limits a tag to 64 characters
+            name=name,
             id=_wandb_run_id(run_dir),
             save_dir=str(run_dir),
             mode=mode,
@@ -152,6 +158,39 @@ def _wandb_key_configured() -> bool:
         return "api.wandb.ai" in netrc.read_text()
     except OSError:
         return False
+
+
+def _sweep_point() -> Optional[dict[str, Any]]:
+    """Under ``mixtrain train -m``: the sweep (its directory name, the W&B group), this
+    job's number and its swept values (``layout=ma_offset``, the W&B tags)."""
+    try:
+        from hydra.core.hydra_config import HydraConfig
+        from hydra.types import RunMode
+
+        hc = HydraConfig.get()
+    except (ImportError, ValueError):
+        return None
+    if hc.mode != RunMode.MULTIRUN:
+        return None
+    item_sep = hc.job.config.override_dirname.item_sep
+    pieces = [p for p in str(hc.job.override_dirname).split(item_sep) if p]
+    return {"group": Path(str(hc.sweep.dir)).name, "num": int(hc.job.num), "tags": pieces}
+
+
+def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
+    """``<run_dir>/result.json``: how the job ended (``status`` "completed", "stopped"
+    (``train.stop_after_steps``) or "failed", with the error) and its final metrics.
+    ``mixtrain compare`` and the sweep summary read it. Written atomically."""
+    import json
+    import time
+
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "result.json"
+    tmp = run_dir / ".result.json.tmp"
+    tmp.write_text(json.dumps({**result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
+    os.replace(tmp, path)
+    return path
 
 
 def _wandb_run_id(run_dir: Path) -> str:
@@ -291,6 +330,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         from mixtrain.train.checkpoint import latest_checkpoint
 
+        status = "completed" if trainer.global_step >= plan["total_steps"] else "stopped"
+        write_result(run_dir, {"status": status, "total_steps": plan["total_steps"], **result})
         print(f"done: {trainer.global_step} steps; val loss {result['val_loss']}")
         print(f"checkpoint: {latest_checkpoint(run_dir)}")
         print(f"logs:       {run_dir}" + (" (W&B offline run under wandb/; upload with `wandb sync`)" if cfg.logger.kind == "wandb" else ""))
