@@ -8,6 +8,7 @@ data, module, strategy, logger and callbacks, and fits.
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any, Optional
 
@@ -277,7 +278,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.train.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
     if cfg.trainer.progress_bar:
-        callbacks.append(TQDMProgressBar(refresh_rate=1))
+        # Redrawing on every batch floods a log file; a terminal gets a live bar.
+        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
     logger = make_logger(cfg, run_dir, resolved)
     trainer = L.Trainer(
         accelerator="gpu" if on_gpu else "cpu",

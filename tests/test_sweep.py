@@ -1,0 +1,183 @@
+"""Sweeps and `mixtrain compare`, through the real command line on CPU: one job (run
+directory, result.json, W&B run) per point, a failed point does not stop the others,
+and the comparison's numbers are the runs' own (accounting, last logged losses)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from mixtrain import accounting
+from mixtrain.config import compose
+from mixtrain.layouts import build_layout
+
+pytestmark = pytest.mark.slow
+
+
+def tiny(cache: Path, root: Path) -> list[str]:
+    return [
+        "model=tiny",
+        "trainer.progress_bar=false",
+        "trainer.log_every_n_steps=1",
+        f"data.cache_dir={cache}",
+        "data.embedded_max_chars=300000",
+        "train.seq_len=64",
+        "train.micro_batch_size=4",
+        "train.global_batch_tokens=512",
+        "train.max_tokens=1024",  # 2 optimizer steps
+        "train.val_every_steps=1",
+        "train.val_batches=2",
+        f"run.root={root}",
+    ]
+
+
+def mixtrain(args: list[str], cwd: Path, **env) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", **env}
+    full_env.pop("MIXTRAIN_RUN_STAMP", None)
+    return subprocess.run(
+        [sys.executable, "-m", "mixtrain", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=600
+    )
+
+
+def sweep_dir(root: Path) -> Path:
+    (d,) = list((root / "sweeps").iterdir())
+    return d
+
+
+def csv_column(run_dir: Path, key: str) -> list[float]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [float(r[key]) for r in csv.DictReader(f) if r.get(key)]
+
+
+def test_cpu_sweep_of_three_layouts_then_compare(shared_cache, tmp_path, capsys):
+    layouts = ["standard", "ma_offset", "ma_pairs"]
+    root = tmp_path / "runs"
+    proc = mixtrain(["train", "-m", f"layout={','.join(layouts)}", "logger=csv", *tiny(shared_cache, root)], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sweep = sweep_dir(root)
+    # One directory per point, named by the swept value only (shared overrides, paths
+    # included, stay out of the name).
+    jobs = {p.name: p for p in sweep.iterdir() if p.is_dir()}
+    assert sorted(jobs) == [f"{i}-layout={name}" for i, name in enumerate(layouts)]
+    for i, name in enumerate(layouts):
+        job = jobs[f"{i}-layout={name}"]
+        assert (job / "config.yaml").is_file() and (job / "checkpoints" / "step-00000002.ckpt").is_file()
+        result = json.loads((job / "result.json").read_text())
+        assert result["status"] == "completed" and result["steps"] == 2
+        assert result["val_loss"] == pytest.approx(csv_column(job, "val/loss")[-1])
+
+    # An eval result written by `mixtrain eval` next to one run shows up as columns.
+    (jobs["1-layout=ma_offset"] / "eval").mkdir()
+    (jobs["1-layout=ma_offset"] / "eval" / "ruler.json").write_text(
+        json.dumps({"scores": {"niah": 0.5, "vt": 0.25}, "average": 0.375})
+    )
+    (jobs["1-layout=ma_offset"] / "eval" / "broken.json").write_text("{not json")
+
+    from mixtrain.cli import main
+
+    assert main(["compare", str(sweep)]) == 0
+    table = capsys.readouterr().out
+    for name in layouts:
+        assert name in table
+    assert "KV B/tok@32K" in table and "val loss" in table
+    for f in ("compare.csv", "compare.json", "loss_curves.png", "quality_vs_kv.png"):
+        assert (sweep / f).is_file() and (sweep / f).stat().st_size > 0, f
+    for png in ("loss_curves.png", "quality_vs_kv.png"):
+        assert (sweep / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    with open(sweep / "compare.csv") as f:
+        rows = {r["layout"]: r for r in csv.DictReader(f)}
+    assert sorted(rows) == sorted(layouts)
+    for i, name in enumerate(layouts):
+        job, row = jobs[f"{i}-layout={name}"], rows[name]
+        cfg = compose(["model=tiny", f"layout={name}"])
+        layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+        assert float(row["kv_bytes_per_token_32k"]) == accounting.kv_bytes_per_token(cfg.model, layout, 32768)
+        assert int(row["params_total"]) == accounting.param_counts(cfg.model, layout).total
+        assert int(row["params_active"]) == accounting.param_counts(cfg.model, layout).active
+        val = csv_column(job, "val/loss")
+        assert float(row["final_val_loss"]) == val[-1] and float(row["best_val_loss"]) == min(val)
+        assert float(row["final_train_loss"]) == csv_column(job, "train/loss")[-1]
+        assert float(row["tokens_per_s"]) > 0
+        assert row["mfu"] == ""  # no known peak on CPU: not logged, not invented
+    assert float(rows["ma_offset"]["eval/niah"]) == 0.5 and float(rows["ma_offset"]["eval/average"]) == 0.375
+    assert rows["standard"]["eval/average"] == ""
+    # The memory ordering the layouts exist for.
+    kv = {n: float(rows[n]["kv_bytes_per_token_32k"]) for n in layouts}
+    assert kv["standard"] > kv["ma_pairs"] and kv["standard"] > kv["ma_offset"]
+
+    runs = json.loads((sweep / "compare.json").read_text())["runs"]
+    assert len(runs) == 3 and all(r["curves"]["val/loss"] for r in runs)
+
+    # A list of run directories, with --out, compares the same way.
+    out = tmp_path / "cmp"
+    assert main(["compare", str(jobs["0-layout=standard"]), str(jobs["2-layout=ma_pairs"]), "--out", str(out)]) == 0
+    with open(out / "compare.csv") as f:
+        assert [r["layout"] for r in csv.DictReader(f)] == ["standard", "ma_pairs"]
+
+
+def test_failed_point_does_not_stop_the_sweep(shared_cache, tmp_path):
+    root = tmp_path / "runs"
+    # ma_successive_1 is a 24-layer layout; the tiny model has 6 layers.
+    proc = mixtrain(
+        ["train", "-m", "layout=ma_successive_1,standard", "logger=csv", *tiny(shared_cache, root)], tmp_path
+    )
+    assert proc.returncode == 1, proc.stderr[-4000:]
+    assert "sweep point #0" in proc.stderr and "24 layers" in proc.stderr
+    assert "1 sweep point(s) failed: 0-layout=ma_successive_1" in proc.stderr
+    sweep = sweep_dir(root)
+    bad = json.loads((sweep / "0-layout=ma_successive_1" / "result.json").read_text())
+    assert bad["status"] == "failed" and "24 layers" in bad["error"] and "layout=ma_successive_1" in bad["overrides"]
+    good = sweep / "1-layout=standard"
+    assert json.loads((good / "result.json").read_text())["status"] == "completed"
+    assert (good / "checkpoints" / "step-00000002.ckpt").is_file()
+
+    # compare lists the failed point with its error and compares the rest.
+    proc = mixtrain(["compare", str(sweep), "--no-plots"], tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert "failed" in proc.stdout and "24 layers" in proc.stdout
+
+
+def test_wandb_sweep_gives_one_grouped_run_per_point(shared_cache, tmp_path):
+    pytest.importorskip("wandb")
+    from wandb.proto import wandb_internal_pb2
+
+    from test_train import wandb_records
+
+    root = tmp_path / "runs"
+    proc = mixtrain(
+        ["train", "-m", "layout=standard,ma_offset", "logger=wandb", "logger.mode=offline", *tiny(shared_cache, root)],
+        tmp_path,
+        WANDB_MODE="offline",
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    sweep = sweep_dir(root)
+    runs = {}
+    for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
+        (log,) = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
+        for data in wandb_records(log):
+            rec = wandb_internal_pb2.Record()
+            rec.ParseFromString(data)
+            if rec.WhichOneof("record_type") == "run":
+                runs[job.name] = rec.run
+    assert sorted(runs) == ["0-layout=standard", "1-layout=ma_offset"]
+    assert len({r.run_id for r in runs.values()}) == 2  # two runs, not one merged run
+    assert {r.run_group for r in runs.values()} == {sweep.name}
+    for job, r in runs.items():
+        assert "sweep" in r.tags and job.split("-", 1)[1] in r.tags
+        assert r.display_name.endswith(f"-{job.split('-', 1)[0]}")
+
+    # compare reads the offline W&B history when there is no CSV log.
+    from mixtrain.report import compare
+
+    recs = {r["layout"]: r for r in compare([sweep], plots=False)["records"]}
+    for layout, r in recs.items():
+        assert r["final_val_loss"] is not None and r["curves"]["val/loss"]
+        result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
+        assert r["final_val_loss"] == pytest.approx(result["val_loss"])
