@@ -256,7 +256,22 @@ def test_masks_built_once_per_forward_per_key(monkeypatch):
     orig = masks_mod.dense_mask
     monkeypatch.setattr(masks_mod, "dense_mask", lambda *a, **k: calls.append(a[:2]) or orig(*a, **k))
     model()(torch.randint(0, 97, (1, 8)))
-    assert sorted(calls, key=str) == sorted([("global", None), ("sliding", W)], key=str)
+    # Plain causal (global) layers need no mask at all: SDPA's is_causal kernel.
+    assert calls == [("sliding", W)]
+
+
+def test_causal_fast_path_equals_the_explicit_global_mask():
+    from mixtrain.model.attention import sdpa_attention
+    from mixtrain.model.masks import AttentionMask, build_masks
+
+    torch.manual_seed(0)
+    q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
+    masks = build_masks([("global", None)], 20, "cpu", "sdpa")
+    assert masks[("global", None)].causal and masks[("global", None)].dense is None
+    attn = model().layers[0].attn
+    fast = attn.attend(q, k, v, masks[("global", None)])
+    ref = sdpa_attention(q, k, v, dense_mask("global", None, 20, "cpu"))
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-6)
 
 
 def test_doc_ids_equal_separate_documents():
@@ -338,8 +353,9 @@ def test_flex_block_masks_cached_across_forwards():
     masks_a = build_masks([("global", None), ("sliding", W)], 32, "cpu", "flex")
     masks_b = build_masks([("global", None), ("sliding", W)], 32, "cpu", "flex")
     assert masks_a[("sliding", W)].block is masks_b[("sliding", W)].block
-    assert _cached_block_mask.cache_info().hits == 2 and _cached_block_mask.cache_info().misses == 2
-    assert masks_a[("global", None)].dense is None
+    # One block mask (the sliding one) built once; the global layer takes SDPA's causal kernel.
+    assert _cached_block_mask.cache_info().hits == 1 and _cached_block_mask.cache_info().misses == 1
+    assert masks_a[("global", None)].causal and masks_a[("global", None)].block is None
 
 
 # ----------------------------------------------------------------------------- init

@@ -168,7 +168,10 @@ class Attention(nn.Module):
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """q [B,Hq,Tq,D] over k/v [B,Hkv,Tk,D] -> [B,Hq,Tq,D]. The kernel follows the mask:
-        FlexAttention when it carries a BlockMask, SDPA with the dense mask otherwise."""
+        SDPA's causal kernel for plain causal attention, FlexAttention when the mask
+        carries a BlockMask (sliding windows, documents), SDPA with the dense mask otherwise."""
+        if mask.causal and q.shape[2] == k.shape[2]:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         if mask.block is not None:
             return flex_attention_kernel(q, k, v, mask.block)
         if mask.dense is None:

@@ -131,6 +131,9 @@ class AttentionMask:
     window: Optional[int]
     dense: Optional[Tensor] = None
     block: Any = None
+    # Plain causal attention (global, no documents): SDPA's is_causal path, which takes
+    # the flash kernel on GPU (faster than FlexAttention for full causal) and builds no mask.
+    causal: bool = False
 
 
 def build_masks(
@@ -152,6 +155,10 @@ def build_masks(
     for key in dict.fromkeys(mask_keys):
         kind, window = key
         m = AttentionMask(kind, window)
+        if kind == "global" and doc_ids is None and key not in dense_keys:
+            m.causal = True
+            masks[key] = m
+            continue
         if impl == "sdpa" or key in dense_keys:
             m.dense = dense_mask(kind, window, T, device, doc_ids)
         if impl == "flex":

@@ -1,0 +1,156 @@
+"""``mixtrain eval``: RULER-style long-context tasks and loss by position for a trained model.
+
+    mixtrain eval --model runs/chain-3 --tasks all --lengths 4096,8192,16384,32768 --samples 10
+    mixtrain eval --model runs/x/export --tasks niah_single_1,vt --lengths 4096 --perplexity
+
+Writes ``<run dir>/eval/ruler.json`` (``scores`` task -> mean over lengths, ``by_length``,
+``average``, model/layout names), ``ruler_samples.jsonl``, ``ruler_heatmap.png``, and with
+``--perplexity`` ``perplexity.json`` + ``position_loss.png``; prints tables.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Any, Optional
+
+STANDARD_LENGTHS = (4096, 8192, 16384, 32768)
+
+
+def register(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "eval",
+        help="RULER-style long-context tasks (13, generated offline) and loss by position",
+        description="Evaluate a trained model: the 13 RULER tasks generated offline at the given lengths "
+        "(greedy decoding, substring scoring), and optionally loss by token position on held-out long "
+        "documents plus validation perplexity. Results go to <run dir>/eval/ as JSON and PNG.",
+    )
+    p.add_argument("--model", required=True, help="run directory, checkpoint, or exported model folder")
+    p.add_argument("--tasks", default="all", help="'all' or a comma-separated list, e.g. niah_single_1,vt,qa_1; "
+                   "'none' skips RULER")
+    p.add_argument("--lengths", default=None,
+                   help="comma-separated context lengths in tokens (default: 4096,8192,16384,32768 up to the "
+                   "model's max_seq_len, or max_seq_len itself when shorter)")
+    p.add_argument("--samples", type=int, default=10, help="prompts per task and length (default 10)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--batch-size", type=int, default=4, help="prompts decoded together")
+    p.add_argument("--max-new-tokens", type=int, default=None, help="override every task's generation length")
+    p.add_argument("--haystack", nargs="*", default=None,
+                   help="text files for the document haystacks (default: the run's corpus)")
+    p.add_argument("--perplexity", action="store_true", help="also loss by position and validation perplexity")
+    p.add_argument("--ppl-length", type=int, default=None, help="context length for loss by position (default max_seq_len)")
+    p.add_argument("--ppl-sequences", type=int, default=8, help="held-out sequences for loss by position")
+    p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
+    p.add_argument("--wandb", action="store_true", help="log to W&B (offline unless an API key is configured)")
+    p.set_defaults(func=run)
+    return p
+
+
+def _run_dir(source: Path) -> Path:
+    from mixtrain.train.export import _run_dir_of
+
+    return _run_dir_of(source)
+
+
+def find_tokenizer(source: str | Path, cfg: Any):
+    """The run's tokenizer.json (next to the model, or in its run directory), else the
+    tokenizer the run's data settings name."""
+    from mixtrain.data.tokenizer import get_tokenizer, load_tokenizer_file
+
+    src = Path(source)
+    for cand in (src / "tokenizer.json", _run_dir(src) / "tokenizer.json", src.parent / "tokenizer.json"):
+        if cand.is_file():
+            return load_tokenizer_file(cand)
+    return get_tokenizer(cfg.data, int(cfg.model.vocab_size))
+
+
+def haystack_documents(cfg: Any, files: Optional[list[str]] = None, max_chars: int = 2_000_000) -> list[str]:
+    """Text for the document haystacks: given files, else the run's corpus, else the
+    embedded corpus (always available offline)."""
+    if files:
+        return [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+    from mixtrain.data.corpus import DataError, as_data_config, load_documents
+    from omegaconf import OmegaConf
+
+    d = OmegaConf.to_container(cfg.data, resolve=True)
+    d["kind"] = "pretrain"
+    try:
+        docs = load_documents(as_data_config(d))
+    except (DataError, OSError, ValueError):
+        docs = load_documents(as_data_config({"source": "embedded", "cache_dir": d.get("cache_dir")}))
+    out, n = [], 0
+    for row in docs:
+        out.append(row["text"])
+        n += len(row["text"])
+        if n >= max_chars:
+            break
+    return out
+
+
+def default_lengths(max_seq_len: int) -> list[int]:
+    got = [x for x in STANDARD_LENGTHS if x <= max_seq_len]
+    return got or [int(max_seq_len)]
+
+
+def run(args) -> int:
+    import torch
+
+    from mixtrain.config import layout_name
+    from mixtrain.errors import UserError
+    from mixtrain.eval import perplexity, ruler
+    from mixtrain.train.export import load_model
+
+    tasks = [] if args.tasks == "none" else ruler.parse_tasks(args.tasks)  # fail before loading anything
+    if args.samples < 1:
+        raise UserError("--samples must be at least 1")
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
+    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    model, cfg = load_model(args.model, device=device, dtype=dtype)
+    max_len = int(cfg.model.max_seq_len)
+    try:
+        lengths = [int(x) for x in args.lengths.split(",")] if args.lengths else default_lengths(max_len)
+    except ValueError:
+        raise UserError(f"--lengths {args.lengths!r}: give comma-separated integers, e.g. 4096,8192") from None
+    too_long = [x for x in lengths if x > max_len]
+    if too_long:
+        raise UserError(
+            f"--lengths {too_long} above the model's model.max_seq_len={max_len} (RoPE theta {cfg.model.rope_theta:g}); "
+            f"evaluate at <= {max_len}, or extend the context first (stage=extend)"
+        )
+    tok = find_tokenizer(args.model, cfg)
+    src = Path(args.model)
+    out_dir = Path(args.out) if args.out else (_run_dir(src) if (_run_dir(src) / "checkpoints").is_dir() else
+                                                (src if src.is_dir() else src.parent)) / "eval"
+    names = {
+        "model": str(src),
+        "name": str(cfg.run.name) if "run" in cfg else src.name,
+        "model_name": str(cfg.model.name),
+        "layout": layout_name(cfg.layout),
+        "max_seq_len": max_len,
+        "rope_theta": float(cfg.model.rope_theta),
+        "sliding_window": int(cfg.model.sliding_window),
+    }
+    print(f"evaluating {src} ({names['layout']}, {names['model_name']}) on {device}; results in {out_dir}")
+    if tasks:
+        needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
+        docs = haystack_documents(cfg, args.haystack) if needs_docs else None
+        ruler.evaluate(model, tok, tasks, lengths, args.samples, out_dir, seed=args.seed, haystack_docs=docs,
+                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, names=names,
+                       wandb_log=True if args.wandb else None)
+    if args.perplexity:
+        perplexity.evaluate(model, cfg, tok, out_dir, length=args.ppl_length, sequences=args.ppl_sequences,
+                            names=names)
+    print(f"wrote {out_dir}")
+    return 0
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(prog="mixtrain")
+    sub = parser.add_subparsers(dest="command", required=True)
+    register(sub)
+    args = parser.parse_args(["eval", *(sys.argv[1:] if argv is None else argv)])
+    return int(args.func(args) or 0)
