@@ -118,14 +118,14 @@ def test_shapes_dense_and_moe():
 
 
 def test_layout_length_mismatch():
-    with pytest.raises(ValueError, match="6 layers but model.n_layers=5"):
+    with pytest.raises(ValueError, match="has 6 layers but the model has 5 layers"):
         Transformer(cfg(n_layers=5), MIXED)
 
 
 def test_bad_layouts_rejected():
-    with pytest.raises(ValueError, match="layer 1 .*same kind and window"):
+    with pytest.raises(ValueError, match="layer 1 .*same attention kind and window"):
         Transformer(cfg(n_layers=2), Layout("x", (G(0), S(0))))
-    with pytest.raises(ValueError, match="masks differ"):
+    with pytest.raises(ValueError, match="shared attention needs identical masks"):
         Transformer(cfg(n_layers=2), Layout("x", (G(0), S(1, attn=0))))
 
 

@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from mixtrain.config import ModelConfig
-from mixtrain.layouts import LayerSpec, Layout
+from mixtrain.layouts import LayerSpec, Layout, validate
 from mixtrain.model.attention import Attention, resolve_attn_impl, rope_tables
 from mixtrain.model.masks import build_masks
 from mixtrain.model.moe import build_moe
@@ -89,45 +89,10 @@ class Block(nn.Module):
         return x, produced, new_probs, aux
 
 
-def _check_layout(cfg: ModelConfig, layout: Layout) -> None:
-    if layout.n_layers != cfg.n_layers:
-        raise ValueError(
-            f"layout {layout.name!r} has {layout.n_layers} layers but model.n_layers={cfg.n_layers}; "
-            f"use a layout of {cfg.n_layers} layers (or a depth-generic preset)."
-        )
-    for i, s in enumerate(layout.layers):
-        if s.kind == "sliding" and (s.window is None or s.window < 1):
-            raise ValueError(f"layout {layout.name!r}: layer {i} is sliding but has window {s.window!r} (need W >= 1)")
-        if s.kv_source > i or s.kv_source < 0:
-            raise ValueError(f"layout {layout.name!r}: layer {i} reuses K/V of layer {s.kv_source}, which is not earlier")
-        if s.kv_source != i:
-            p = layout.layers[s.kv_source]
-            if p.kv_source != s.kv_source or p.attn_source is not None:
-                raise ValueError(
-                    f"layout {layout.name!r}: layer {i} reuses K/V of layer {s.kv_source}, which is not a K/V producer"
-                )
-            if p.mask_key != s.mask_key:
-                raise ValueError(
-                    f"layout {layout.name!r}: layer {i} ({s.kind}, W={s.window}) reuses K/V of layer "
-                    f"{s.kv_source} ({p.kind}, W={p.window}); producer and consumer need the same kind and window"
-                )
-        if s.attn_source is not None:
-            if not 0 <= s.attn_source < i:
-                raise ValueError(f"layout {layout.name!r}: layer {i} shares probabilities of layer {s.attn_source}, which is not earlier")
-            src = layout.layers[s.attn_source]
-            if src.attn_source is not None:
-                raise ValueError(f"layout {layout.name!r}: layer {i} shares probabilities of layer {s.attn_source}, which borrows them itself")
-            if src.mask_key != s.mask_key:
-                raise ValueError(
-                    f"layout {layout.name!r}: layer {i} shares attention probabilities with layer {s.attn_source} "
-                    f"but their masks differ ({s.mask_key} vs {src.mask_key})"
-                )
-
-
 class Transformer(nn.Module):
     def __init__(self, cfg: ModelConfig, layout: Layout):
         super().__init__()
-        _check_layout(cfg, layout)
+        layout = validate(layout, cfg.n_layers)  # the rules of layouts.md; chains resolved
         resolve_attn_impl(cfg.attn_impl, torch.device("cpu"))  # validates the name
         self.cfg, self.layout = cfg, layout
         self.prob_sources = sorted({s.attn_source for s in layout.layers if s.attn_source is not None})
