@@ -67,6 +67,10 @@ def bench_config(
     model.to_empty(device=device)
     torch.manual_seed(seed)
     model.init_weights(seed=seed)
+    # The recipe's trainer settings count too, so `--compare trainer.compile=true` works.
+    if activation_checkpointing == "none":
+        activation_checkpointing = cfg.trainer.activation_checkpointing
+    compile = compile or bool(cfg.trainer.compile)
     parallelize(model, activation_checkpointing=activation_checkpointing, compile=compile)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=on_gpu, foreach=not on_gpu)
     gen = torch.Generator(device="cpu").manual_seed(seed)
@@ -110,6 +114,8 @@ def bench_config(
         "layout": layout.name,
         "seq_len": seq_len,
         "micro_batch": micro_batch,
+        "activation_checkpointing": activation_checkpointing,
+        "compile": compile,
         "params_total": counts.total,
         "params_active": counts.active,
         "train_flops_per_token": flops,
