@@ -274,7 +274,11 @@ def run_stamp() -> str:
     import time
 
     global _STAMP
+    # An interactive allocation (salloc + a shell) is not one job: its id would merge runs.
+    interactive = os.environ.get("SLURM_JOB_NAME") in ("bash", "sh", "zsh", "interactive")
     for var in ("MIXTRAIN_RUN_STAMP", "SLURM_JOB_ID", "TORCHELASTIC_RUN_ID"):
+        if var == "SLURM_JOB_ID" and interactive:
+            continue
         value = os.environ.get(var)
         if value and value != "none":
             return value

@@ -65,3 +65,17 @@ def test_fsdp_two_ranks_train_save_resume(shared_cache, tmp_path):
     assert latest_checkpoint(tmp_path / "meta_split").name == "step-00000006.ckpt"
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_ddp_two_ranks_match_one_process(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "single", "train.max_tokens=1536")
+    cmd_extra = ["trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train.max_tokens=1536"]
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "mixtrain", "train", *base_overrides(shared_cache, tmp_path, "ddp", *cmd_extra),
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-6000:]
+    torch.testing.assert_close(
+        torch.tensor(grad_norms(tmp_path / "ddp")), torch.tensor(grad_norms(tmp_path / "single")), rtol=1e-4, atol=0
+    )

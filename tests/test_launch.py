@@ -146,6 +146,7 @@ def test_slurm_warning_signal_requeues_the_job(tmp_path):
     assert "requeueing job 4242" in err
 
 
+@pytest.mark.slow
 def test_two_cpu_processes_through_the_launcher_and_restart(shared_cache, tmp_path):
     from test_train import base_overrides
 

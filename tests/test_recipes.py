@@ -112,3 +112,12 @@ def test_commands_explain_bad_input(tmp_path):
     assert proc.returncode == 2 and "ma_offset" in proc.stderr  # lists what exists
     proc = run_cli("train", "model.d_modle=3", cwd=tmp_path)
     assert proc.returncode != 0 and "d_modle" in proc.stderr
+
+
+def test_users_add_their_own_recipe_folder(tmp_path, monkeypatch):
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout" / "my_pairs.yaml").write_text("layers: [G, s, s<-1, s, s<-1, G<0]\n")
+    monkeypatch.setenv("MIXTRAIN_RECIPES", str(tmp_path))
+    cfg = compose(["model=tiny", "layout=my_pairs"])
+    layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+    assert [l.kv_source for l in layout.layers] == [0, 1, 1, 3, 3, 0]

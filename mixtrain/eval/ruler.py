@@ -544,16 +544,23 @@ def _qa(task: str, hops: int):
                 make_distractor = company_doc
             depths = _depths(i, n_samples, len(gold))
 
-            def build(h: int) -> str:
+            extra = _take_words(words, rng.randrange(len(words)), 400) if words else \
+                [pseudo_word(rng, 2) for _ in range(400)]
+
+            def build(h: int, n_extra: int = 0) -> str:
                 while len(pool) < h:
                     pool.append(make_distractor())
                 docs = list(pool[:h])
+                if n_extra and docs:  # fine filling: more words in the last distractor document
+                    docs[-1] = docs[-1] + " " + " ".join(extra[:n_extra])
                 for pos, g in sorted(((int(round(d * h)), g) for d, g in zip(depths, gold)), key=lambda x: -x[0]):
                     docs.insert(pos, g)
                 body = "\n\n".join(f"Document {j + 1}:\n{d}" for j, d in enumerate(docs))
                 return _QA_HEAD + body + _qa_tail(question)
 
-            _, prompt, ids = fitter.fit(task, build)
+            h, prompt, ids = fitter.fit(task, build)
+            if h > 0:
+                _, prompt, ids = fitter.fit(task + "/fill", lambda w: build(h, w), h_max=len(extra))
             out.append(Sample(task, length, i, prompt, ids, refs, max_new, depths))
         return out
 

@@ -1,0 +1,189 @@
+"""The offline RULER suite: every task's generator fills prompts to the requested token
+length with its needles at evenly spaced depths, and its scorer gives 1 for the
+reference answer and 0 for a wrong one; the runner writes what `mixtrain compare` reads."""
+
+from __future__ import annotations
+
+import json
+import re
+from collections import Counter
+
+import pytest
+
+from mixtrain.data.tokenizer import train_bpe
+from mixtrain.errors import UserError
+from mixtrain.eval import ruler
+
+LENGTH = 1024
+
+
+@pytest.fixture(scope="module")
+def tok_and_docs():
+    from test_longqa import WORDS  # the same cheap synthetic corpus
+
+    import random
+
+    rng = random.Random(0)
+    docs = []
+    for i in range(20):
+        sents = [" ".join(rng.choice(WORDS) for _ in range(rng.randint(5, 12))).capitalize() + "." for _ in range(200)]
+        docs.append(" ".join(sents))
+    hexes = [ruler.random_uuid(rng) for _ in range(300)]  # so that uuids tokenise as in a real vocabulary
+    tok = train_bpe(docs + [ruler.NOISE, " ".join(hexes)], 400)
+    return tok, docs
+
+
+@pytest.fixture(scope="module")
+def generated(tok_and_docs):
+    tok, docs = tok_and_docs
+    return {t: ruler.generate(t, tok, LENGTH, 3, seed=5, haystack_docs=docs) for t in ruler.TASK_NAMES}
+
+
+def test_all_thirteen_tasks_are_there():
+    assert ruler.TASK_NAMES == (
+        "niah_single_1", "niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multikey_2",
+        "niah_multikey_3", "niah_multivalue", "niah_multiquery", "vt", "cwe", "fwe", "qa_1", "qa_2",
+    )
+    assert {t: ruler.TASKS[t].metric for t in ("niah_single_1", "vt", "cwe", "fwe", "qa_1", "qa_2")} == {
+        "niah_single_1": "all", "vt": "all", "cwe": "all", "fwe": "all", "qa_1": "any", "qa_2": "any"}
+
+
+@pytest.mark.parametrize("task", ruler.TASK_NAMES)
+def test_generator_fills_the_length_and_scorer_matches_references(task, generated, tok_and_docs):
+    tok, _ = tok_and_docs
+    samples = generated[task]
+    assert len(samples) == 3
+    for s in samples:
+        budget = LENGTH - s.max_new_tokens
+        assert s.input_ids == tok.encode(s.prompt)
+        # Filled to the requested length: prompt + generation fits, within one haystack unit of it
+        # (a distractor needle of two uuids is ~80 tokens with this 400-token vocabulary).
+        tolerance = 96 if task == "niah_multikey_3" else 48
+        assert budget - tolerance <= len(s.input_ids) <= budget, (len(s.input_ids), budget)
+        for ref in s.references:
+            assert ref in s.prompt  # the needle(s) are in the context
+        # Hand-made answers: the references score 1, a wrong answer 0.
+        perfect = " " + ", ".join(s.references) + "."
+        assert ruler.score(task, perfect, s.references) == 1.0
+        assert ruler.score(task, perfect.upper(), s.references) == 1.0  # case-insensitive
+        assert ruler.score(task, " 0000000 nothing-here", s.references) == 0.0
+    assert len({s.prompt for s in samples}) == 3  # different needles per sample
+    again = ruler.generate(task, tok, LENGTH, 3, seed=5, haystack_docs=tok_and_docs[1])
+    assert [s.prompt for s in again] == [s.prompt for s in samples]  # deterministic in the seed
+
+
+NEEDLE = re.compile(r"One of the special magic (numbers|uuids) for (\S+) is: (\S+)\.")
+
+
+def needles(prompt: str) -> list[tuple[str, str]]:
+    return [(k, v) for _, k, v in NEEDLE.findall(prompt)]
+
+
+def test_niah_needles_depths_and_distractors(generated):
+    for task, n_needles in [("niah_single_1", 1), ("niah_single_2", 1), ("niah_single_3", 1),
+                            ("niah_multikey_1", 4), ("niah_multivalue", 4), ("niah_multiquery", 4)]:
+        for s in generated[task]:
+            found = needles(s.prompt)
+            assert len(found) == n_needles, task
+            pos = sorted(s.prompt.index(f"is: {v}.") / len(s.prompt) for _, v in found)
+            assert pos == pytest.approx(s.depths, abs=0.08), task  # at the evenly spaced depths
+    # Single needle: sample i of 3 sits at depth (i + 0.5) / 3.
+    assert [s.depths for s in generated["niah_single_1"]] == [[1 / 6], [0.5], [5 / 6]]
+    assert "The grass is green." in generated["niah_single_1"][0].prompt
+    for s in generated["niah_multikey_1"]:  # 4 keys, one asked for: 3 distractor needles
+        keys = [k for k, _ in needles(s.prompt)]
+        asked = [k for k in keys if f"for {k} mentioned" in s.prompt]
+        assert len(set(keys)) == 4 and len(asked) == 1
+        assert dict(needles(s.prompt))[asked[0]] == s.references[0]
+    for s in generated["niah_multivalue"]:  # one key, 4 values, all references
+        assert len({k for k, _ in needles(s.prompt)}) == 1 and sorted(v for _, v in needles(s.prompt)) == sorted(s.references)
+    for s in generated["niah_multiquery"]:
+        assert len(s.references) == 4 and s.prompt.count(", and ") == 2  # question and answer prefix list 4 keys
+    for task in ("niah_multikey_2", "niah_multikey_3"):  # haystack of distractor needles
+        for s in generated[task]:
+            found = needles(s.prompt)
+            assert len(found) > 5
+            values = [v for _, v in found]
+            assert values.count(s.references[0]) == 1
+            key = next(k for k, v in found if v == s.references[0])
+            assert [k for k, _ in found].count(key) == 1 and f"for {key} mentioned" in s.prompt
+    uuid = re.compile(r"^[0-9a-f]{8}-[0-9a-f]{4}-4[0-9a-f]{3}-[89ab][0-9a-f]{3}-[0-9a-f]{12}$")
+    assert all(uuid.match(s.references[0]) for s in generated["niah_single_3"] + generated["niah_multikey_3"])
+    assert all(s.prompt.endswith(" mentioned in the provided text is") for s in generated["niah_single_2"])
+
+
+def test_vt_cwe_fwe_qa_structure(generated):
+    for s in generated["vt"]:
+        value = re.search(r"assigned the value (\d{5})", s.prompt).group(1)
+        chain = [s.references[0]]
+        assert f"VAR {chain[0]} = {value}." in s.prompt
+        for a, b in zip(s.references, s.references[1:]):
+            assert s.prompt.index(f"VAR {b} = VAR {a}.") > s.prompt.index(f"VAR {a} =")  # hops in order
+        assert len(s.references) == 5
+    for s in generated["cwe"]:
+        body = s.prompt.split("\n")[1]
+        counts = Counter(re.findall(r"\d+\. (\w+)", body))
+        top = [w for w, _ in counts.most_common(10)]
+        assert sorted(top) == sorted(s.references)
+        assert min(counts[w] for w in s.references) > max(c for w, c in counts.items() if w not in s.references)
+    for s in generated["fwe"]:
+        body = s.prompt.split("coded words. ", 1)[1].split("\nQuestion:")[0]
+        counts = Counter(body.split())
+        ranked = [w for w, _ in counts.most_common()]
+        assert ranked[0] == "...." and ranked[1:4] == s.references
+        assert counts[ranked[3]] > counts[ranked[4]]
+    for s in generated["qa_1"]:
+        assert s.prompt.count("Document ") > 5 and s.prompt.count(f"city of {s.references[0]}.") == 1
+    for s in generated["qa_2"]:
+        who = re.search(r"company that (.+) works for\?", s.prompt).group(1)
+        company = re.search(rf"{who} works for (.+?)\.", s.prompt).group(1)
+        assert f"{company} has its headquarters in the city of {s.references[0]}." in s.prompt
+        assert s.prompt.count(f"{who} works for") == 2  # the document and the question, nowhere else
+
+
+def test_string_match_hand_made_cases():
+    assert ruler.string_match_all("The numbers are 1234567 and 7654321.", ["1234567", "7654321"]) == 1.0
+    assert ruler.string_match_all("Only 1234567.", ["1234567", "7654321"]) == 0.5
+    assert ruler.string_match_all("nothing", ["1234567"]) == 0.0
+    assert ruler.string_match_all("VAR ABCDE", ["abcde"]) == 1.0
+    assert ruler.string_match_any("It is Paris.", ["London", "paris"]) == 1.0
+    assert ruler.string_match_any("It is Rome.", ["London", "Paris"]) == 0.0
+    assert ruler.score("qa_1", "Paris", ["paris"]) == 1.0 and ruler.score("cwe", "a b", ["a", "c"]) == 0.5
+
+
+def test_errors_say_what_to_do(tok_and_docs):
+    tok, docs = tok_and_docs
+    with pytest.raises(UserError, match=r"unknown RULER task\(s\) \['niah'\]; valid tasks: all, niah_single_1"):
+        ruler.parse_tasks("niah,vt")
+    with pytest.raises(UserError, match="niah_multikey_1: the prompt needs .* use a longer length"):
+        ruler.generate("niah_multikey_1", tok, 256, 1, haystack_docs=docs)
+    with pytest.raises(UserError, match="haystack needs text"):
+        ruler.generate("niah_single_2", tok, 1024, 1, haystack_docs=None)
+
+
+def test_32k_prompts(tok_and_docs):
+    tok, docs = tok_and_docs
+    for task in ("niah_single_2", "niah_multikey_3", "cwe"):
+        (s,) = ruler.generate(task, tok, 32768, 1, haystack_docs=docs)
+        assert 32768 - s.max_new_tokens - 200 <= len(s.input_ids) <= 32768 - s.max_new_tokens
+
+
+def test_evaluate_writes_what_compare_reads(tmp_path, tok_and_docs, monkeypatch):
+    tok, docs = tok_and_docs
+
+    def oracle(model, tokenizer, samples, batch_size=4, prefill_chunk=1024):  # perfect on vt, wrong on niah
+        return [" " + " ".join(s.references) if s.task == "vt" else " I do not know" for s in samples]
+
+    monkeypatch.setattr(ruler, "predict", oracle)
+    lines = []
+    res = ruler.evaluate(None, tok, "niah_single_1,vt", [512, 1024], 2, tmp_path, haystack_docs=docs,
+                         names={"name": "run-x", "layout": "ma_offset"}, log=lines.append)
+    saved = json.loads((tmp_path / "ruler.json").read_text())
+    assert saved["scores"] == {"niah_single_1": 0.0, "vt": 1.0} and saved["average"] == 0.5
+    assert saved["by_length"] == {"512": {"niah_single_1": 0.0, "vt": 1.0}, "1024": {"niah_single_1": 0.0, "vt": 1.0}}
+    assert saved["name"] == "run-x" and saved["layout"] == "ma_offset" and res["average"] == 0.5
+    assert (tmp_path / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    rows = [json.loads(x) for x in (tmp_path / "ruler_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 2 * 2 * 2 and {r["score"] for r in rows} == {0.0, 1.0}
+    table = lines[-1]
+    assert "niah_single_1" in table and "1K" in table and "average" in table
