@@ -12,6 +12,8 @@
                                      KV memory, batch capacity, prefill/decode speed per layout
     mixtrain bench  train [overrides] --compare layout=standard
                                      tokens/s, MFU, peak memory of training steps vs a baseline
+    mixtrain bench  moe [--tokens N ...]
+                                     MoE layer fwd+bwd against the expert matmuls alone
     mixtrain eval   ...              RULER-style long-context tasks, perplexity
     mixtrain compare RUNS...         tables and plots across runs or a sweep
 
@@ -226,7 +228,9 @@ def _register_bench(sub) -> None:
     from mixtrain.infer.cli import register_bench
     from mixtrain.train import bench
 
-    bench.register(register_bench(sub).bench_subparsers)
+    parser = register_bench(sub)
+    bench.register(parser.bench_subparsers)
+    bench.register_moe(parser.bench_subparsers)
 
 
 def _registered_main(command: str, argv: list[str]) -> int:

@@ -25,3 +25,14 @@ def test_bench_train_reports_against_a_baseline(tmp_path, capsys):
         assert r["mfu"] is None  # no peak for a CPU
     out = capsys.readouterr().out
     assert "x baseline" in out and "ma_offset" in out
+
+
+def test_bench_moe_times_the_layer_against_the_experts_alone(tmp_path, capsys):
+    rc = main(["bench", "moe", "--d-model", "32", "--experts", "4", "--top-k", "2", "--hidden", "16",
+               "--tokens", "64", "--steps", "1", "--warmup", "1", "--out", str(tmp_path)])
+    assert rc == 0
+    rows = json.loads((tmp_path / "bench_moe.json").read_text())
+    assert [r["what"] for r in rows] == ["experts only", "MoE layer"]
+    assert rows[0]["fraction_of_experts_only_speed"] == 1.0
+    assert all(r["ms"] > 0 for r in rows)
+    assert "of experts-only speed" in capsys.readouterr().out

@@ -85,7 +85,8 @@ def test_niah_needles_depths_and_distractors(generated):
         for s in generated[task]:
             found = needles(s.prompt)
             assert len(found) == n_needles, task
-            pos = sorted(s.prompt.index(f"is: {v}.") / len(s.prompt) for _, v in found)
+            start, end = s.prompt.index("\n") + 1, s.prompt.rindex("\nWhat ")  # the haystack
+            pos = sorted((s.prompt.index(f"is: {v}.") - start) / (end - start) for _, v in found)
             assert pos == pytest.approx(s.depths, abs=0.08), task  # at the evenly spaced depths
     # Single needle: sample i of 3 sits at depth (i + 0.5) / 3.
     assert [s.depths for s in generated["niah_single_1"]] == [[1 / 6], [0.5], [5 / 6]]
@@ -102,7 +103,7 @@ def test_niah_needles_depths_and_distractors(generated):
     for task in ("niah_multikey_2", "niah_multikey_3"):  # haystack of distractor needles
         for s in generated[task]:
             found = needles(s.prompt)
-            assert len(found) > 5
+            assert len(found) >= 5  # the needle among >= 4 distractors (more at real lengths)
             values = [v for _, v in found]
             assert values.count(s.references[0]) == 1
             key = next(k for k, v in found if v == s.references[0])

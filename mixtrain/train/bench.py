@@ -216,3 +216,109 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default="bench_train", help="folder for bench_train.json")
     p.set_defaults(func=_main)
     return p
+
+
+# ---------------------------------------------------------------------------- MoE layer
+def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
+    for _ in range(warmup):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return (time.perf_counter() - t0) / steps
+
+
+def bench_moe(
+    *, d_model: int, n_experts: int, top_k: int, expert_hidden: int, tokens: int,
+    steps: int, warmup: int, device: torch.device, megablocks: bool = False,
+) -> list[dict[str, Any]]:
+    """Forward+backward of the whole MoE layer (router, permutation, experts, combine)
+    against the expert matmuls alone on the same, perfectly balanced, pre-sorted
+    tokens: the layer's overhead is what routing and permutation cost."""
+    from mixtrain.config import MoEConfig
+    from mixtrain.model.moe import MoE, swiglu_experts_grouped, swiglu_experts_loop
+
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    cfg = MoEConfig(n_experts=n_experts, top_k=top_k, expert_hidden=expert_hidden)
+    layer = MoE(cfg, d_model).to(device=device)
+    layer.init_weights(0.02, 0.02)
+    x = torch.randn(1, tokens, d_model, device=device, dtype=dtype, requires_grad=True)
+    experts_fn = swiglu_experts_grouped if device.type == "cuda" else swiglu_experts_loop
+    per_expert = tokens * top_k // n_experts
+    counts = torch.full((n_experts,), per_expert, dtype=torch.long, device=device)
+    xs = torch.randn(per_expert * n_experts, d_model, device=device, dtype=dtype, requires_grad=True)
+    w = [p.detach().to(dtype).requires_grad_() for p in (layer.w1, layer.w3, layer.w2)]
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else torch.autocast("cpu", enabled=False)
+
+    def layer_step():
+        with amp:
+            out, _ = layer(x)
+        out.float().sum().backward()
+
+    def experts_step():
+        experts_fn(xs, counts, *w).float().sum().backward()
+
+    expert_flops = 3 * 2 * 3 * tokens * top_k * d_model * expert_hidden  # fwd+bwd, three matmuls
+    rows = []
+    for name, fn in [("experts only", experts_step), ("MoE layer", layer_step)]:
+        dt = _time(fn, steps, warmup, device)
+        rows.append({"what": name, "ms": dt * 1e3, "tflops": expert_flops / dt / 1e12})
+    if megablocks:
+        from mixtrain.model.moe import MegablocksMoE
+
+        mb = MegablocksMoE(cfg, d_model).to(device)
+
+        def mb_step():
+            with amp:
+                out, _ = mb(x)
+            out.float().sum().backward()
+
+        dt = _time(mb_step, steps, warmup, device)
+        rows.append({"what": "megablocks dMoE", "ms": dt * 1e3, "tflops": expert_flops / dt / 1e12})
+    base = rows[0]["ms"]
+    for r in rows:
+        r["fraction_of_experts_only_speed"] = base / r["ms"]
+    return rows
+
+
+def _moe_main(args: argparse.Namespace) -> int:
+    device = _device(args.device)
+    if device.type == "cpu" and args.threads:
+        torch.set_num_threads(args.threads)
+    rows = bench_moe(
+        d_model=args.d_model, n_experts=args.experts, top_k=args.top_k, expert_hidden=args.hidden,
+        tokens=args.tokens, steps=args.steps, warmup=args.warmup, device=device, megablocks=args.megablocks,
+    )
+    print(f"MoE fwd+bwd: {args.tokens} tokens, d_model {args.d_model}, {args.experts} experts top-{args.top_k}, "
+          f"hidden {args.hidden}, {device.type}")
+    for r in rows:
+        print(f"  {r['what']:<16} {r['ms']:9.2f} ms  {r['tflops']:8.2f} TFLOP/s  "
+              f"{r['fraction_of_experts_only_speed'] * 100:6.1f}% of experts-only speed")
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "bench_moe.json").write_text(json.dumps(rows, indent=2))
+    return 0
+
+
+def register_moe(bench_subparsers) -> argparse.ArgumentParser:
+    p = bench_subparsers.add_parser(
+        "moe", help="MoE layer forward+backward against the expert matmuls alone",
+        description=bench_moe.__doc__,
+    )
+    p.add_argument("--d-model", type=int, default=1536)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--top-k", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=2688)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--warmup", type=int, default=3)
+    p.add_argument("--megablocks", action="store_true", help="also time megablocks' dMoE (CUDA, if installed)")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None)
+    p.add_argument("--out", default="bench_moe")
+    p.set_defaults(func=_moe_main)
+    return p
