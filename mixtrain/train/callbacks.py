@@ -35,7 +35,9 @@ class ThroughputMonitor(L.Callback):
             name = torch.cuda.get_device_name(dev)
             per_device = accounting.peak_flops(name, "bf16")
             self.peak = per_device * trainer.world_size if per_device else None
-        self._times = [time.perf_counter()]
+        # The clock starts at the end of the first step: start-up (loader, first-call
+        # allocations, compilation) is not throughput.
+        self._times = []
         self._last_step = trainer.global_step
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
