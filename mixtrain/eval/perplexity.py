@@ -64,29 +64,42 @@ def bucket_means(losses: torch.Tensor, buckets: int) -> tuple[list[int], list[fl
     return edges, means
 
 
-def held_out_sequences(data_cfg: Any, tokenizer, length: int, max_sequences: int) -> tuple[torch.Tensor, str, int]:
-    """[N, length + 1] token sequences from the validation documents, and their source."""
+def held_out_sequences(data_cfg: Any, tokenizer, length: int, max_sequences: int,
+                       max_scan_docs: int = 20000) -> tuple[torch.Tensor, str, int]:
+    """[N, length + 1] token sequences from the validation documents, and their source
+    ("documents": whole documents of at least length + 1 tokens, longest first;
+    "concatenated": the held-out stream cut into pieces). At most ``max_scan_docs``
+    validation documents are read (large corpora)."""
+    import datasets
+
     from mixtrain.data.corpus import as_data_config, load_documents
     from mixtrain.data.pretrain import split_documents
 
     c = as_data_config(data_cfg)
     docs = load_documents(c)
-    n = len(docs)
-    val = split_documents(n, c.val_fraction, c.seed) if c.val_fraction > 0 and n > 1 else None
-    texts = [docs[i]["text"] for i in range(n) if val is None or val[i]]
-    ids = tokenizer.encode_batch(texts)
+    if isinstance(docs, datasets.IterableDataset):  # streaming: the first documents stand in
+        texts = [row["text"] for _, row in zip(range(max_scan_docs), docs)]
+    else:
+        n = len(docs)
+        val = split_documents(n, c.val_fraction, c.seed) if c.val_fraction > 0 and n > 1 else None
+        rows = [i for i in range(n) if val is None or val[i]][:max_scan_docs]
+        texts = docs.select(rows)["text"] if rows else []
     need = length + 1
+    ids: list[list[int]] = []
+    for s in range(0, len(texts), 256):
+        ids += tokenizer.encode_batch(list(texts[s : s + 256]))
     long_docs = [x[:need] for x in sorted(ids, key=len, reverse=True) if len(x) >= need][:max_sequences]
     if len(long_docs) >= max_sequences or (long_docs and len(long_docs) >= len(ids)):
         return torch.tensor(long_docs, dtype=torch.long), "documents", len(long_docs)
     stream = [t for x in ids for t in x + [tokenizer.eos_id]]
-    if len(stream) < need:
-        stream = [t for x in tokenizer.encode_batch([d["text"] for d in docs]) for t in x + [tokenizer.eos_id]]
     pieces = [stream[i : i + need] for i in range(0, len(stream) - need + 1, need)][:max_sequences]
     if not pieces:
         from mixtrain.errors import UserError
 
-        raise UserError(f"the corpus has fewer than {need} tokens; evaluate position loss at a shorter --ppl-length")
+        raise UserError(
+            f"the held-out documents have {len(stream)} tokens, fewer than one sequence of {need}; evaluate "
+            f"loss by position at a shorter --ppl-length or raise data.val_fraction"
+        )
     return torch.tensor(pieces, dtype=torch.long), "concatenated", len(pieces)
 
 
@@ -113,7 +126,7 @@ def evaluate(model, cfg: Any, tokenizer, out_dir: Optional[str | Path] = None, *
 
     seq_len = int(cfg.train.seq_len)
     val: dict[str, Any] = {"seq_len": seq_len}
-    prepared = prepare(data_cfg, seq_len, int(cfg.model.vocab_size))
+    prepared = prepare(data_cfg, seq_len, int(cfg.model.vocab_size))  # the run's cache: built at training
     if prepared.num_sequences("val"):
         ds = PackedDataset(prepared.dir, "val", seq_len)
         k = min(len(ds), val_sequences)
@@ -162,7 +175,8 @@ def _pretrain_view(data_cfg: Any, tokenizer) -> dict:
 
 def format_table(result: dict) -> str:
     p = result["position"]
-    lines = [f"loss by position ({p['sequences']} held-out {p['source']} sequences of {p['length']} tokens; "
+    how = "whole held-out documents" if p["source"] == "documents" else "pieces of the held-out stream"
+    lines = [f"loss by position ({p['sequences']} sequence(s) of {p['length']} tokens from {how}; "
              f"sliding window {p['sliding_window']})"]
     for a, b, m in zip(p["bucket_edges"][:-1], p["bucket_edges"][1:], p["loss"]):
         lines.append(f"  {a:>7}-{b:<7} {m:.4f}")

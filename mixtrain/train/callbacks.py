@@ -18,40 +18,50 @@ class ThroughputMonitor(L.Callback):
     MFU = train FLOPs per token (active parameters + windowed attention, see
     :func:`mixtrain.accounting.train_flops_per_token`) x tokens/s / (peak FLOP/s of
     the device x number of devices). Not logged where the peak is unknown (CPU).
+    Averaged over the last ``window`` steps; the first step after (re)start and the
+    time spent in validation are not counted.
     """
 
     def __init__(self, tokens_per_step: int, flops_per_token: float, window: int = 5) -> None:
+        from collections import deque
+
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
-        self.window = window
-        self._times: list[float] = []
+        self._durations: deque[float] = deque(maxlen=window)
+        self._t_last: Optional[float] = None
         self._last_step = -1
         self.peak: Optional[float] = None
         self.last: dict[str, float] = {}
 
+    def _now(self, trainer: L.Trainer) -> float:
+        if trainer.strategy.root_device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter()
+
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dev = trainer.strategy.root_device
         if dev.type == "cuda":
-            name = torch.cuda.get_device_name(dev)
-            per_device = accounting.peak_flops(name, "bf16")
+            per_device = accounting.peak_flops(torch.cuda.get_device_name(dev), "bf16")
             self.peak = per_device * trainer.world_size if per_device else None
-        # The clock starts at the end of the first step: start-up (loader, first-call
-        # allocations, compilation) is not throughput.
-        self._times = []
+        self._durations.clear()
+        self._t_last = None  # start-up (loader, first allocations, compilation) is not throughput
         self._last_step = trainer.global_step
+
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._t_last is not None:
+            self._t_last = self._now(trainer)  # the clock skips validation
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients
         self._last_step = trainer.global_step
-        if trainer.strategy.root_device.type == "cuda":
-            torch.cuda.synchronize()
-        self._times.append(time.perf_counter())
-        self._times = self._times[-(self.window + 1) :]
-        if len(self._times) < 2:
+        now = self._now(trainer)
+        if self._t_last is not None:
+            self._durations.append(now - self._t_last)
+        self._t_last = now
+        if not self._durations:
             return
-        dt = (self._times[-1] - self._times[0]) / (len(self._times) - 1)
-        tps = self.tokens_per_step / dt
+        tps = self.tokens_per_step * len(self._durations) / sum(self._durations)
         self.last = {"perf/tokens_per_s": tps}
         if self.peak:
             self.last["perf/mfu"] = self.flops_per_token * tps / self.peak
