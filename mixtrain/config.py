@@ -158,6 +158,9 @@ class TrainConfig:
     trainable: str = "all"
     # Start from the weights of this checkpoint / exported model (a new run, not a resume).
     init_from: Optional[str] = None
+    # Which of the paper's stages this run is: "pretrain", "extend" or "longqa". The
+    # later stages start from the previous stage's weights, so they need init_from.
+    stage: str = "pretrain"
     val_every_steps: int = 50
     val_batches: int = 8
     save_every_steps: int = 100
@@ -294,11 +297,25 @@ def layout_name(layout: Any) -> str:
     return str(preset) if preset else "custom"
 
 
+def tokenizer_of(source: Any) -> str:
+    """``<run dir>/tokenizer.json`` of a run directory, an export folder or a
+    checkpoint inside ``<run dir>/checkpoints/`` (later stages reuse their
+    predecessor's tokenizer)."""
+    from pathlib import Path
+
+    path = Path(str(source))
+    if path.parent.name == "checkpoints":
+        path = path.parent.parent
+    return str(path / "tokenizer.json")
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("mixtrain.stamp"):
         OmegaConf.register_new_resolver("mixtrain.stamp", run_stamp, use_cache=True)
+    if not OmegaConf.has_resolver("mixtrain.tokenizer_of"):
+        OmegaConf.register_new_resolver("mixtrain.tokenizer_of", tokenizer_of)
     if not OmegaConf.has_resolver("mixtrain.layout_name"):
         OmegaConf.register_new_resolver("mixtrain.layout_name", layout_name)
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 
 import pytest
+
+from mixtrain.errors import UserError
 import torch
 from omegaconf import OmegaConf
 
@@ -50,6 +52,7 @@ def test_paper_recipe_composes_for_every_stage(layout):
         assert (cfg.train.seq_len, cfg.model.max_seq_len, cfg.model.rope_theta) == (32768, 32768, 8e6)
         assert cfg.train.trainable == "attention" and cfg.train.max_tokens == budget
         assert cfg.data.kind == data_kind and cfg.data.tokenizer == "/runs/previous/tokenizer.json"
+        assert cfg.train.stage == stage
         assert f"-{stage}-" in cfg.run.name
         for world in (1, 8, 64):  # the global batch splits into whole micro-batches
             plan_steps(cfg, world)
@@ -58,7 +61,7 @@ def test_paper_recipe_composes_for_every_stage(layout):
 
 def test_later_stage_without_init_from_fails_naming_it(tmp_path):
     cfg = compose(["experiment=tiny_chain", "stage=tiny_extend", f"run.root={tmp_path}"])
-    with pytest.raises(Exception, match=r"set_train\.init_from_to_the_previous_stage_run_dir"):
+    with pytest.raises(UserError, match=r"stage 'extend' starts from the previous stage's weights: set train\.init_from="):
         train(cfg)
     assert not any(tmp_path.iterdir())  # nothing was started
 

@@ -230,6 +230,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
 
+    if cfg.train.stage != "pretrain" and not cfg.train.init_from:
+        raise UserError(
+            f"stage {cfg.train.stage!r} starts from the previous stage's weights: set "
+            f"train.init_from=<that run's directory or export> (e.g. train.init_from=runs/my-run)"
+        )
     OmegaConf.resolve(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     try:
