@@ -106,9 +106,15 @@ def _train_main() -> None:
         if hc.mode != RunMode.MULTIRUN:
             try:
                 result = train(cfg)
-            except UserError as e:
-                print(f"mixtrain train: error: {e}", file=sys.stderr)
-                sys.exit(2)
+            except BaseException as e:
+                from mixtrain.train.run import is_first_process
+
+                if is_first_process() and not isinstance(e, SystemExit):  # result.json says how it ended
+                    write_result(run_dir_of(cfg), {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                if isinstance(e, UserError):
+                    print(f"mixtrain train: error: {e}", file=sys.stderr)
+                    sys.exit(2)
+                raise
             return result.get("val_loss") if result else None
 
         point = f"#{hc.job.num} ({' '.join(hc.overrides.task) or 'no overrides'})"
@@ -126,7 +132,9 @@ def _train_main() -> None:
                 f"Rerun this point alone with: mixtrain train {' '.join(hc.overrides.task)}",
                 file=sys.stderr,
             )
-            if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))) == 0:
+            from mixtrain.train.run import is_first_process
+
+            if is_first_process():
                 write_result(
                     run_dir,
                     {"status": "failed", "error": f"{type(e).__name__}: {e}", "job_num": hc.job.num,

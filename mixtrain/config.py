@@ -337,6 +337,18 @@ def setup_hydra() -> None:
     register_resolvers()
 
 
+def _explain(e: BaseException) -> str:
+    """Hydra's message and the causes under it (which name the key and the type)."""
+    parts, seen = [], set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        text = str(e).strip().split("\n    full_key:")[0]
+        if text and text not in parts and "$VALUE" not in text:
+            parts.append(text)
+        e = e.__cause__ or e.__context__
+    return "\n".join(parts)
+
+
 def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
     """Compose a recipe exactly as ``mixtrain train`` would, without running it.
 
@@ -349,5 +361,13 @@ def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
     setup_hydra()
     overrides = list(overrides or []) + search_path_overrides()
     GlobalHydra.instance().clear()
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    from mixtrain.errors import UserError
+
     with initialize_config_module(config_module=RECIPES_PACKAGE, version_base="1.3"):
-        return hydra_compose(config_name=config_name, overrides=overrides)
+        try:
+            return hydra_compose(config_name=config_name, overrides=overrides)
+        except (HydraException, OmegaConfBaseException) as e:
+            raise UserError(_explain(e)) from e

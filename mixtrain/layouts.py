@@ -38,6 +38,8 @@ References may chain (5<3, 3<1); the built layout resolves them (5<1).
 
 from __future__ import annotations
 
+from mixtrain.errors import UserError
+
 import dataclasses
 import re
 from dataclasses import dataclass
@@ -46,7 +48,7 @@ from typing import Any, Literal, Mapping, Optional, Sequence
 Kind = Literal["global", "sliding"]
 
 
-class LayoutError(ValueError):
+class LayoutError(UserError, ValueError):
     """A layout that breaks a rule of layouts.md. The message names the layer and the rule."""
 
 

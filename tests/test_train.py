@@ -52,6 +52,11 @@ def losses(run_dir: Path) -> dict[int, float]:
     return out
 
 
+def train_rows(run_dir: Path) -> list[int]:
+    with open(run_dir / "csv" / "metrics.csv") as f:
+        return [int(r["step"]) for r in csv.DictReader(f) if r.get("train/loss")]
+
+
 def weights(path: Path) -> dict[str, torch.Tensor]:
     return read_checkpoint(path)[0]
 
@@ -63,11 +68,15 @@ def test_resume_reproduces_uninterrupted_run_bitwise(shared_cache, tmp_path):
     part = run(shared_cache, tmp_path, "split", "train.stop_after_steps=3")
     assert part["steps"] == 3
     assert [s for s, _ in list_checkpoints(tmp_path / "split")] == [3]
+    # A time-sliced job repeats the same command: each invocation does 2 more steps.
+    more = run(shared_cache, tmp_path, "split", "train.stop_after_steps=2", "run.resume=auto")
+    assert more["steps"] == 5
     rest = run(shared_cache, tmp_path, "split", "run.resume=auto")
     assert rest["steps"] == 6
 
     a, b = losses(tmp_path / "full"), losses(tmp_path / "split")
     assert len(a) >= 6 and a == b  # the same loss at every step, bit for bit
+    assert len(train_rows(tmp_path / "split")) == 6  # one row per step across the three invocations
     wa = weights(latest_checkpoint(tmp_path / "full"))
     wb = weights(latest_checkpoint(tmp_path / "split"))
     assert wa.keys() == wb.keys()
@@ -114,8 +123,11 @@ def test_crash_mid_save_leaves_last_good_checkpoint(shared_cache, tmp_path, monk
 
     monkeypatch.setattr(L.Trainer, "save_checkpoint", real_save)
     bad.unlink()
+    assert train_rows(tmp_path / "crash") == [0, 1, 2]  # logged before the crash while saving step 4
     resumed = run(shared_cache, tmp_path, "crash", "train.save_every_steps=2", "run.resume=auto")
     assert resumed["steps"] == 6
+    # The abandoned attempt's row past the checkpoint (step index 2) was replaced, not duplicated.
+    assert train_rows(tmp_path / "crash") == [0, 1, 2, 3, 4, 5]
     assert not list((tmp_path / "crash" / "checkpoints").glob(".tmp-*"))
 
 
@@ -216,17 +228,20 @@ def test_wandb_offline_run_holds_the_metrics(shared_cache, tmp_path):
         (["train.max_tokens=100"], r"train\.max_tokens=100 is less than one optimizer step"),
         (["layout=ma_successive_1"], r"layout: .*24 layers"),
         (["data=files", "data.paths=[/no/such/file.txt]"], r"/no/such/file\.txt"),
-        (["train.trainable=mlp"], r"train\.trainable='mlp' is not known"),
+        (["train.trainable=mlp"], r"train\.trainable='mlp' is not known; use one of: all, attention"),
+        (["trainer.activation_checkpointing=most"], r"trainer\.activation_checkpointing='most' is not known"),
+        (["model.n_kv_heads=3"], r"model\.n_heads=4 must be a multiple of model\.n_kv_heads=3"),
+        (["model.attn_impl=fast"], r"model\.attn_impl='fast' is not known"),
     ],
 )
 def test_bad_input_gets_a_clear_error(shared_cache, tmp_path, extra, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(UserError, match=message):
         run(shared_cache, tmp_path, "bad", *extra)
     assert not list_checkpoints(tmp_path / "bad")
 
 
 def test_unknown_override_names_the_key():
-    with pytest.raises(Exception, match="d_modle"):
+    with pytest.raises(UserError, match="Key 'd_modle' not in 'ModelConfig'"):
         compose(["model.d_modle=3"])
-    with pytest.raises(Exception, match="n_layers"):
+    with pytest.raises(UserError, match="Value 'six' of type 'str' could not be converted to Integer"):
         compose(["model.n_layers=six"])

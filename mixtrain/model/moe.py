@@ -124,12 +124,17 @@ class MoE(nn.Module):
         nn.init.normal_(self.w2, 0.0, out_std, generator=generator)
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
+        in_dtype = x_sorted.dtype
+        if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
+            # Under bf16 autocast the residual stream is fp32: compute the experts in the
+            # autocast dtype (torch._grouped_mm is not an autocast op).
+            x_sorted = x_sorted.to(torch.get_autocast_dtype("cuda"))
         impl = self.expert_impl
         if impl is None:
             # Meta tensors (shape checks) take the grouped path: it needs no counts on the host.
             impl = "grouped" if (x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16) or x_sorted.is_meta else "loop"
         fn = swiglu_experts_grouped if impl == "grouped" else swiglu_experts_loop
-        return fn(x_sorted, counts, self.w1, self.w3, self.w2)
+        return fn(x_sorted, counts, self.w1, self.w3, self.w2).to(in_dtype)
 
     def forward(self, x: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """x [B, T, C] -> (out [B, T, C], {lb_loss, z_loss: scalars; counts: long [E]})."""

@@ -17,18 +17,22 @@ class ThroughputMonitor(L.Callback):
 
     MFU = train FLOPs per token (active parameters + windowed attention, see
     :func:`mixtrain.accounting.train_flops_per_token`) x tokens/s / (peak FLOP/s of
-    the device x number of devices). Not logged where the peak is unknown (CPU).
-    Averaged over the last ``window`` steps; the first step after (re)start and the
-    time spent in validation are not counted.
+    the device at the training precision x number of devices); not logged where the
+    peak is unknown (CPU). A step is timed from the start of its first micro-batch to
+    the end of its optimizer step, so validation, checkpoint writes and logging between
+    steps are not counted; the first step after a (re)start (compilation, first
+    allocations) is skipped. Averaged over the last ``window`` steps.
     """
 
-    def __init__(self, tokens_per_step: int, flops_per_token: float, window: int = 5) -> None:
+    def __init__(self, tokens_per_step: int, flops_per_token: float, window: int = 5, dtype: str = "bf16") -> None:
         from collections import deque
 
         self.tokens_per_step = tokens_per_step
         self.flops_per_token = flops_per_token
+        self.dtype = dtype
         self._durations: deque[float] = deque(maxlen=window)
-        self._t_last: Optional[float] = None
+        self._t_start: Optional[float] = None
+        self._skip_first = True
         self._last_step = -1
         self.peak: Optional[float] = None
         self.last: dict[str, float] = {}
@@ -41,26 +45,26 @@ class ThroughputMonitor(L.Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         dev = trainer.strategy.root_device
         if dev.type == "cuda":
-            per_device = accounting.peak_flops(torch.cuda.get_device_name(dev), "bf16")
+            per_device = accounting.peak_flops(torch.cuda.get_device_name(dev), self.dtype)
             self.peak = per_device * trainer.world_size if per_device else None
         self._durations.clear()
-        self._t_last = None  # start-up (loader, first allocations, compilation) is not throughput
+        self._skip_first = True
+        self._t_start = None
         self._last_step = trainer.global_step
 
-    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._t_last is not None:
-            self._t_last = self._now(trainer)  # the clock skips validation
+    def on_train_batch_start(self, trainer: L.Trainer, pl_module, batch, batch_idx) -> None:
+        if self._t_start is None:  # the first micro-batch of a step
+            self._t_start = self._now(trainer)
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step == self._last_step:
             return  # still accumulating gradients
         self._last_step = trainer.global_step
-        now = self._now(trainer)
-        if self._t_last is not None:
-            self._durations.append(now - self._t_last)
-        self._t_last = now
-        if not self._durations:
+        duration, self._t_start = self._now(trainer) - self._t_start, None
+        if self._skip_first:
+            self._skip_first = False
             return
+        self._durations.append(duration)
         tps = self.tokens_per_step * len(self._durations) / sum(self._durations)
         self.last = {"perf/tokens_per_s": tps}
         if self.peak:
@@ -102,12 +106,16 @@ class SaveTokenizer(L.Callback):
 
 
 class StopAfterSteps(L.Callback):
-    """Ends this invocation after ``steps`` optimizer steps (the last checkpoint is
-    written on the way out); the run continues later with ``run.resume=auto``."""
+    """Ends this invocation after ``steps`` more optimizer steps (the last checkpoint
+    is written on the way out); the run continues later with ``run.resume=auto``."""
 
     def __init__(self, steps: int) -> None:
         self.steps = int(steps)
+        self._start = 0
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = trainer.global_step  # counted from where this invocation (re)started
 
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
-        if trainer.global_step >= self.steps:
+        if trainer.global_step - self._start >= self.steps:
             trainer.should_stop = True

@@ -40,14 +40,21 @@ def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def checkpoint_step(path: str | os.PathLike) -> Optional[int]:
+    """The optimizer step of a committed checkpoint, from its name (None if unnamed)."""
+    m = _NAME.match(Path(path).name)
+    return int(m.group(1)) if m else None
+
+
 def is_loadable(path: Path) -> bool:
-    """A cheap integrity check: a single-file checkpoint is a sound zip archive
-    (CRCs verified); a sharded one has its distributed-checkpoint metadata."""
+    """A cheap integrity check that reads no weights: a single-file checkpoint is a
+    zip archive whose directory (written last) lists the pickled state; a sharded one
+    has its distributed-checkpoint metadata and Lightning's meta file."""
     try:
         if path.is_dir():
-            return (path / ".metadata").is_file()
+            return (path / ".metadata").is_file() and (path / "meta.pt").is_file()
         with zipfile.ZipFile(path) as zf:
-            return zf.testzip() is None
+            return any(name.endswith("/data.pkl") for name in zf.namelist())
     except (OSError, zipfile.BadZipFile):
         return False
 

@@ -66,6 +66,8 @@ class LMModule(L.LightningModule):
         self.mixed_precision = mixed_precision
         self.model: Optional[Transformer] = None
         self.init_state_dict: Optional[dict[str, torch.Tensor]] = None  # train.init_from weights
+        self._step_sums: dict[str, torch.Tensor] = {}
+        self._step_micro = 0
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -124,17 +126,26 @@ class LMModule(L.LightningModule):
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self._loss(batch)
-        self.log("train/loss", metrics["ce"], prog_bar=True, on_step=True, on_epoch=False)
-        if "lb_loss" in metrics:
-            self.log("train/lb_loss", metrics["lb_loss"], on_step=True, on_epoch=False)
-            self.log("train/z_loss", metrics["z_loss"], on_step=True, on_epoch=False)
-        if "expert_counts" in metrics:
-            counts = metrics["expert_counts"].float()  # [n_layers, n_experts]
-            load = counts / counts.sum(-1, keepdim=True).clamp_min(1)
-            n_exp = counts.size(-1)
-            self.log("moe/max_expert_load", load.max() * n_exp, on_step=True, on_epoch=False)
-            self.log("moe/min_expert_load", load.min() * n_exp, on_step=True, on_epoch=False)
+        # Summed over the micro-batches of one optimizer step, logged once per step.
+        for key, value in metrics.items():
+            self._step_sums[key] = self._step_sums.get(key, 0) + value
+        self._step_micro += 1
         return loss
+
+    def _log_step_metrics(self) -> None:
+        n, sums = self._step_micro, self._step_sums
+        if not n:
+            return
+        self.log("train/loss", sums["ce"] / n, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
+        if "lb_loss" in sums:
+            self.log("train/lb_loss", sums["lb_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
+            self.log("train/z_loss", sums["z_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
+        if "expert_counts" in sums:
+            counts = sums["expert_counts"].float()  # [n_layers, n_experts], tokens routed this step
+            load = counts / counts.sum(-1, keepdim=True).clamp_min(1) * counts.size(-1)  # 1.0 = balanced
+            self.log("moe/max_expert_load", load.max(), on_step=True, on_epoch=False)
+            self.log("moe/min_expert_load", load.min(), on_step=True, on_epoch=False)
+        self._step_sums, self._step_micro = {}, 0
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, metrics = self._loss(batch)
@@ -169,6 +180,7 @@ class LMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
+        self._log_step_metrics()
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)

@@ -21,6 +21,41 @@ from mixtrain.layouts import LayoutError, build_layout, diagram
 
 
 # ------------------------------------------------------------------ checks
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is not known; use one of: {', '.join(map(str, allowed))}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Settings that would otherwise fail deep inside the run (after the run
+    directory is made and the data prepared), checked up front with the key named."""
+    from mixtrain.model.attention import ATTN_IMPLS
+
+    _choice("train.trainable", cfg.train.trainable, ("all", "attention"))
+    _choice("train.stage", cfg.train.stage, ("pretrain", "extend", "longqa"))
+    _choice("trainer.strategy", cfg.trainer.strategy, ("auto", "ddp", "fsdp"))
+    _choice("trainer.activation_checkpointing", cfg.trainer.activation_checkpointing, ("none", "full", "selective"))
+    _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
+    _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+    _choice("data.kind", cfg.data.kind, ("pretrain", "longqa"))
+    m = cfg.model
+    _choice("model.attn_impl", m.attn_impl, ATTN_IMPLS)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+        if m[key] < 1:
+            raise UserError(f"model.{key}={m[key]} must be at least 1")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+    if m.head_dim % 2:
+        raise UserError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
+    if m.moe is not None:
+        _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
+        if not 1 <= m.moe.top_k <= m.moe.n_experts:
+            raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
+    for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps"):
+        if cfg.train[key] < 1:
+            raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+
+
 def world_size_of(cfg: DictConfig) -> int:
     """Processes that will train, known before the Trainer exists."""
     if "WORLD_SIZE" in os.environ:
@@ -89,7 +124,10 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
 
 
 # ----------------------------------------------------------------- pieces
-def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
+def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], resume_step: Optional[int] = None):
+    """The configured logger. ``resume_step``: the optimizer step the run resumes
+    from (None for a fresh start): logs of an abandoned attempt past it are dropped,
+    and a fresh start in a used directory opens a new W&B run."""
     kind = cfg.logger.kind
     if kind == "none":
         return False
@@ -113,7 +151,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any]):
             group=group,
             tags=[t[:64] for t in tags] or None,  # W&B limits a tag to 64 characters
             name=name,
-            id=_wandb_run_id(run_dir),
+            id=_wandb_run_id(run_dir, fresh=resume_step is None),
             save_dir=str(run_dir),
             mode=mode,
             config=resolved,
@@ -194,11 +232,41 @@ def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
     return path
 
 
-def _wandb_run_id(run_dir: Path) -> str:
-    """One W&B run per run directory, kept across restarts (resume continues it)."""
+def _wandb_run_id(run_dir: Path, fresh: bool = False) -> str:
+    """One W&B run per run directory, continued by every resume. A fresh start in a
+    directory whose earlier attempt never checkpointed gets a run of its own."""
     import hashlib
+    import time
 
-    return hashlib.sha1(str(run_dir.resolve()).encode()).hexdigest()[:16]
+    key = str(run_dir.resolve())
+    if fresh and (run_dir / "wandb").exists():
+        key += f"@{time.time_ns()}"
+    return hashlib.sha1(key.encode()).hexdigest()[:16]
+
+
+def is_first_process() -> bool:
+    """Global rank 0, known before the Trainer exists (torchrun, SLURM, Lightning's launcher)."""
+    rank = os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0"))
+    return rank == "0" and os.environ.get("LOCAL_RANK", "0") == "0"
+
+
+def trim_csv_log(run_dir: Path, resume_step: int) -> None:
+    """Drop the rows an abandoned attempt logged at or after the step the run
+    resumes from (they are about to be logged again); all rows for a fresh start."""
+    import csv
+
+    path = run_dir / "csv" / "metrics.csv"
+    if not path.is_file():
+        return
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        fields, rows = reader.fieldnames or [], [r for r in reader if r.get("step") and int(r["step"]) < resume_step]
+    tmp = path.with_suffix(".csv.tmp")
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+    os.replace(tmp, path)
 
 
 def make_strategy(cfg: DictConfig, on_gpu: bool, world_size: int):
@@ -226,10 +294,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     from mixtrain.data import build_datamodule
     from mixtrain.train.callbacks import LayoutRecord, SaveTokenizer, StopAfterSteps, ThroughputMonitor
-    from mixtrain.train.checkpoint import AtomicCheckpoint
+    from mixtrain.train.checkpoint import AtomicCheckpoint, checkpoint_step
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
 
+    check_config(cfg)
     if cfg.train.stage != "pretrain" and not cfg.train.init_from:
         raise UserError(
             f"stage {cfg.train.stage!r} starts from the previous stage's weights: set "
@@ -285,7 +354,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if cfg.trainer.progress_bar:
         # Redrawing on every batch floods a log file; a terminal gets a live bar.
         callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
-    logger = make_logger(cfg, run_dir, resolved)
+    resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
+    if is_first_process():
+        trim_csv_log(run_dir, resume_step or 0)
+    logger = make_logger(cfg, run_dir, resolved, resume_step)
     trainer = L.Trainer(
         accelerator="gpu" if on_gpu else "cpu",
         devices=cfg.trainer.devices if cfg.trainer.devices != "auto" else "auto",
