@@ -173,10 +173,14 @@ def _matmul_params(cfg: ModelConfig, layout: Layout) -> int:
     return pc.active_non_embedding + cfg.vocab_size * cfg.d_model
 
 
-def train_flops_per_token(cfg: ModelConfig, layout: Layout, seq_len: int) -> float:
+def train_flops_per_token(cfg: ModelConfig, layout: Layout, seq_len: int, trainable: str = "all") -> float:
     """Training (forward + backward) FLOPs per token, the numerator of MFU.
 
         F_train = 6 * N + 3 * sum_layers  c_l * 2 * n_heads * head_dim * K_l(T)
+
+    With ``trainable="attention"`` (stages 2 and 3) the frozen weights need no weight
+    gradients: they count 4 FLOPs per parameter (forward 2, input gradient 2), the
+    attention projections 6.
 
     N = active parameters minus the input embedding (output head included, even when
     tied; MoE counts ``top_k`` experts and the router). ``c_l`` = 2 (QK^T and PV), or
@@ -184,7 +188,9 @@ def train_flops_per_token(cfg: ModelConfig, layout: Layout, seq_len: int) -> flo
     positions 0..T-1: (T+1)/2 for global, mean(min(i+1, W)) for sliding. Norms,
     softmax, RoPE and activations are ignored (as in PaLM / torchtitan).
     """
-    return 6.0 * _matmul_params(cfg, layout) + 3.0 * attention_flops_per_token(cfg, layout, seq_len)
+    n = _matmul_params(cfg, layout)
+    trained = n if trainable == "all" else param_counts(cfg, layout).attention
+    return 6.0 * trained + 4.0 * (n - trained) + 3.0 * attention_flops_per_token(cfg, layout, seq_len)
 
 
 def forward_flops_per_token(cfg: ModelConfig, layout: Layout, seq_len: int) -> float:

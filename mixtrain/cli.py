@@ -29,7 +29,7 @@ import json
 import os
 import sys
 
-COMMANDS = ("train", "layout", "export", "data")
+COMMANDS = ("train", "layout", "export")
 
 
 def _train_main() -> None:
@@ -211,19 +211,10 @@ def _export_main(argv: list[str]) -> int:
     return 0
 
 
-def _data_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="mixtrain data", description="Prepare data: tokenizers and packed caches.")
-    sub = parser.add_subparsers(dest="data_command", required=True)
-    from mixtrain.data import cli as data_cli
-
-    data_cli.register(sub)
-    args = parser.parse_args(argv)
-    return int(args.func(args) or 0)
-
-
 # Commands whose parsers live next to their code: (module, function that adds the
 # command to an argparse subparsers object and sets ``func``).
 REGISTERED = {
+    "data": ("mixtrain.data.cli", "register_group"),
     "generate": ("mixtrain.infer.cli", "register_generate"),
     "bench": ("mixtrain.cli", "_register_bench"),
     "eval": ("mixtrain.eval.cli", "register"),
@@ -278,8 +269,6 @@ def main(argv: list[str] | None = None) -> int:
             return _layout_main(rest)
         if command == "export":
             return _export_main(rest)
-        if command == "data":
-            return _data_main(rest)
         if command in REGISTERED:
             return _registered_main(command, rest)
     except UserError as e:

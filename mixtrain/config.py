@@ -112,6 +112,8 @@ class DataConfig:
     vocab_size: Optional[int] = None
     cache_dir: str = "${oc.env:MIXTRAIN_CACHE,${oc.env:HOME}/.cache/mixtrain}"
     num_proc: int = 1
+    # DataLoader worker processes (batches are memory-mapped slices: 0 is usually enough).
+    num_workers: int = 0
     # Fraction of documents held out for validation (by document, deterministic).
     val_fraction: float = 0.02
     # Attention stays inside a document when packing several into one sequence.

@@ -6,7 +6,6 @@ against the parameters of the real model built on the meta device).
 
 from __future__ import annotations
 
-import importlib
 import json
 import math
 
@@ -328,17 +327,7 @@ def test_format_layout_summary():
 
 
 # --------------------------------------------------------------------------- cross-checks
-# These run once the other parts of the project exist (skipped until then).
-
-
-def _transformer():
-    try:
-        mod = importlib.import_module("mixtrain.model.transformer")
-    except ImportError as e:  # pragma: no cover - until the model lands
-        pytest.skip(f"mixtrain.model.transformer not available yet ({e})")
-    if not hasattr(mod, "Transformer"):
-        pytest.skip("mixtrain.model.transformer has no Transformer yet")
-    return mod.Transformer
+# The accounting against the real model, presets, diagram and recipes.
 
 
 MODEL_CASES = {
@@ -354,8 +343,10 @@ MODEL_CASES = {
 
 @pytest.mark.parametrize("case", list(MODEL_CASES))
 def test_param_counts_match_model(case):
-    torch = pytest.importorskip("torch")
-    Transformer = _transformer()
+    import torch
+
+    from mixtrain.model import Transformer
+
     cfg, make = MODEL_CASES[case]
     layout = make()
     with torch.device("meta"):
@@ -364,16 +355,9 @@ def test_param_counts_match_model(case):
     assert acc.param_counts(cfg, layout).total == n
 
 
-def _layouts_api():
+def test_presets_match_hand_built():
     from mixtrain import layouts
 
-    if not hasattr(layouts, "make_preset"):
-        pytest.skip("mixtrain.layouts.make_preset not available yet")
-    return layouts
-
-
-def test_presets_match_hand_built():
-    layouts = _layouts_api()
     cfg = paper_moe()
     for name, text in (("ma_offset", MA_OFFSET), ("ma", MA)):
         lay = layouts.make_preset(name, 24, 1024)
@@ -389,9 +373,8 @@ def test_presets_match_hand_built():
 
 
 def test_report_with_real_diagram():
-    layouts = _layouts_api()
-    if not hasattr(layouts, "diagram"):
-        pytest.skip("mixtrain.layouts.diagram not available yet")
+    from mixtrain import layouts
+
     lay = layouts.make_preset("ma_offset", 24, 1024)
     d = layouts.diagram(lay)
     text = format_layout_summary(layout_summary(paper_moe(), lay), d)
@@ -402,13 +385,25 @@ def test_paper_moe_recipe_counts():
     """The shipped recipe recipes/model/paper_moe.yaml gives the paper's counts."""
     from pathlib import Path
 
-    omegaconf = pytest.importorskip("omegaconf")
+    import omegaconf
+
     path = Path(__file__).resolve().parents[1] / "recipes" / "model" / "paper_moe.yaml"
-    if not path.exists():
-        pytest.skip("recipes/model/paper_moe.yaml not there yet")
     cfg = omegaconf.OmegaConf.to_object(
         omegaconf.OmegaConf.merge(omegaconf.OmegaConf.structured(ModelConfig), omegaconf.OmegaConf.load(path))
     )
     pc = acc.param_counts(cfg, std(cfg.n_layers))
     assert (pc.active, pc.total) == (1_639_589_376, 5_206_844_928)
     assert acc.kv_bytes_per_token(cfg, std(cfg.n_layers), 4096) == 36864.0
+
+
+def test_attention_only_training_counts_no_weight_gradients_for_frozen_weights():
+    from mixtrain.config import ModelConfig
+    from mixtrain.layouts import make_preset
+
+    cfg = ModelConfig(vocab_size=100, d_model=32, n_layers=6, n_heads=4, n_kv_heads=2, head_dim=8, ffn_hidden=64)
+    layout = make_preset("ma_offset", 6, 8)
+    full = acc.train_flops_per_token(cfg, layout, 64)
+    frozen = acc.train_flops_per_token(cfg, layout, 64, trainable="attention")
+    attn = acc.param_counts(cfg, layout).attention
+    n = acc.param_counts(cfg, layout).active_non_embedding + 100 * 32
+    assert full - frozen == 2 * (n - attn)  # 6N -> 4N for every non-attention matmul weight

@@ -208,10 +208,14 @@ def test_bench_infer_cpu(tmp_path, capsys):
         acc = kv_bytes_per_sequence(mc, make_preset(name, 6, mc.sliding_window), 96, 4)
         assert r["kv_bytes_per_sequence"] == r["accounting_bytes_per_sequence"] == acc
         assert r["kv_bytes_per_token"] == acc / 96
-        assert r["max_batch"] == 2**20 // acc
+        assert r["max_batch"] == r["max_batch_arithmetic"] == 2**20 // acc  # CPU: the KV budget arithmetic
+        assert r["max_batch_verified"] is None and r["fit_method"] == "KV budget"
+        assert r["activation_bytes_per_seq"] == 0  # a KV-only budget reserves nothing
         assert r["decode_batch"] == min(2, r["max_batch"]) and r["decode_tok_s"] > 0
     assert rows["ma_offset"]["tokens_fit_vs_base"] == pytest.approx(rows["ma_offset"]["max_batch"] / rows["standard"]["max_batch"])
-    assert "ma_offset" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "ma_offset" in table and "fits (KV budget)" in table and "KV budget 1 MiB (KV cache only)" in table
+    assert result["meta"]["fit_method"].startswith("KV budget")
 
 
 def test_generate_command_from_recipe(capsys):
@@ -247,3 +251,70 @@ def test_generate_command_from_export_with_tokenizer(tmp_path, capsys):
     assert res["prompt_ids"] == tok.encode("the quick brown")
     want = generate(model, [res["prompt_ids"]], 7, stop_tokens=[tok.eos_id])[0]
     assert res["new_ids"] == want and res["text"] == tok.decode(want)
+
+
+def test_verified_fit_backs_off_by_ten_percent():
+    from mixtrain.infer.bench import verified_fit
+
+    tried = []
+
+    def fits(b):
+        tried.append(b)
+        return b <= 70
+
+    assert verified_fit(fits, 100) == 64  # the first 10% step at or below what fits
+    assert tried == [100, 90, 81, 72, 64]
+    assert verified_fit(lambda b: b <= 3, 5) == 3  # small batches step down by one
+    assert verified_fit(lambda b: False, 50) == 0
+
+
+def test_bench_auto_budget_reserves_decode_activations():
+    from mixtrain.config import compose
+    from mixtrain.infer.bench import activation_bytes_per_seq
+
+    mc = compose(["model=paper_moe"]).model
+    est = activation_bytes_per_seq(mc, 32768, 2)
+    assert est >= mc.vocab_size * 4 + 4 * mc.d_model * 2  # fp32 logits and a few [d_model] buffers
+
+
+def cli(argv, capsys):
+    """``mixtrain ARGV`` in-process: (exit code, stderr). argparse errors exit via SystemExit."""
+    from mixtrain.cli import main
+
+    try:
+        rc = main(argv)
+    except SystemExit as e:
+        rc = e.code
+    return rc, capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "--recipe", "model=nope", "--prompt-ids", "1,2"], r"Could not find 'model/nope'"),
+    (["generate", "--recipe", "layout=ma model.n_layers=7", "--prompt-ids", "1,2"],
+     r"preset ma .* multiple of 6; the model has 7 layers"),
+    (["generate", "--recipe", "model=tiny", "--prompt-ids", "1,2", "--max-new-tokens", "0"],
+     r"argument --max-new-tokens: 0 is not positive"),
+    (["generate", "--recipe", "model=tiny", "--prompt-ids", "1,x"], r"--prompt-ids/--stop-ids take comma-separated integers"),
+    (["generate", "--recipe", "model=tiny", "--prompt-ids", "1", "--device", "gpu0"], r"device 'gpu0' is not a device name"),
+    (["generate", "--recipe", "model=tiny", "--prompt-ids", "1", "--top-p", "0"], r"argument --top-p: 0 must be in \(0, 1\]"),
+    (["generate", "--model", "/no/such/run", "--prompt-ids", "1"], r"/no/such/run"),
+    (["bench", "infer", "model=nope"], r"Could not find 'model/nope'"),
+    (["bench", "infer", "model=tiny", "--layouts", "standard,nope"], r"Could not find 'layout/nope'"),
+    (["bench", "infer", "model=tiny", "model.n_layers=7", "--layouts", "ma"], r"the model has 7 layers"),
+    (["bench", "infer", "model=tiny", "--memory-budget", "lots"], r"cannot read a memory size from 'lots'"),
+    (["bench", "infer", "model=tiny", "--context", "0"], r"argument --context: 0 is not positive"),
+    (["bench", "infer", "model=tiny", "--decode-steps", "-1"], r"argument --decode-steps: -1 is not positive"),
+    (["bench", "infer", "model=tiny", "--max-batch", "x"], r"argument --max-batch: 'x' is not an integer"),
+    (["bench", "infer", "model=tiny", "--layouts", ","], r"--layouts is empty"),
+])
+def test_user_mistakes_get_one_error_and_exit_2(argv, message, capsys, tmp_path):
+    import re
+
+    rc, err = cli([*argv, *(["--out", str(tmp_path)] if argv[0] == "bench" else [])], capsys)
+    assert rc == 2, err
+    assert "Traceback" not in err
+    command = "mixtrain " + ("bench infer" if argv[0] == "bench" else "generate")
+    line = next(l for l in err.splitlines() if l.startswith(f"{command}: error:"))  # noqa: E741
+    assert re.search(message, err), err
+    assert re.search(message, line) or "Could not find" in line, line  # the reason is on the error line
+    assert not (tmp_path / "bench_infer.json").exists()

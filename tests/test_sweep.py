@@ -146,9 +146,7 @@ def test_failed_point_does_not_stop_the_sweep(shared_cache, tmp_path):
 
 def test_wandb_sweep_gives_one_grouped_run_per_point(shared_cache, tmp_path):
     pytest.importorskip("wandb")
-    from wandb.proto import wandb_internal_pb2
-
-    from test_train import wandb_records
+    from mixtrain.report import wandb_records
 
     root = tmp_path / "runs"
     proc = mixtrain(
@@ -161,9 +159,7 @@ def test_wandb_sweep_gives_one_grouped_run_per_point(shared_cache, tmp_path):
     runs = {}
     for job in sorted(p for p in sweep.iterdir() if p.is_dir()):
         (log,) = list((job / "wandb").glob("offline-run-*/run-*.wandb"))
-        for data in wandb_records(log):
-            rec = wandb_internal_pb2.Record()
-            rec.ParseFromString(data)
+        for rec in wandb_records(log):
             if rec.WhichOneof("record_type") == "run":
                 runs[job.name] = rec.run
     assert sorted(runs) == ["0-layout=standard", "1-layout=ma_offset"]
@@ -181,3 +177,91 @@ def test_wandb_sweep_gives_one_grouped_run_per_point(shared_cache, tmp_path):
         assert r["final_val_loss"] is not None and r["curves"]["val/loss"]
         result = json.loads((Path(r["run_dir"]) / "result.json").read_text())
         assert r["final_val_loss"] == pytest.approx(result["val_loss"])
+
+
+# ----------------------------------------------------------------------------- resumed runs' logs
+
+
+def resumed_run_dir(tmp_path: Path) -> Path:
+    """A run directory whose config composes (for run_record), with no logs yet."""
+    from omegaconf import OmegaConf
+
+    run_dir = tmp_path / "run"
+    run_dir.mkdir()
+    OmegaConf.save(compose(["model=tiny", "layout=ma_offset"]), run_dir / "config.yaml")
+    (run_dir / "result.json").write_text(json.dumps({"status": "completed", "steps": 6}))
+    return run_dir
+
+
+def test_resumed_csv_log_gives_one_curve_of_the_last_rows(tmp_path):
+    """metrics.csv of a run resumed at step 3: the abandoned attempt logged steps 0..5
+    (with a val loss at 4 lower than anything the finished run reached), the resumed one
+    logged 3..5 again. The curves are monotone in step and hold the values written last."""
+    from mixtrain.report import read_metrics_csv, run_record
+
+    run_dir = resumed_run_dir(tmp_path)
+    (run_dir / "csv").mkdir()
+    rows = [(s, 10.0 - s, "") for s in range(6)] + [(4, "", 0.5)]  # attempt 1
+    rows += [(s, 20.0 - s, "") for s in range(3, 6)] + [(5, "", 3.0)]  # attempt 2, resumed at 3
+    with open(run_dir / "csv" / "metrics.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["epoch", "step", "train/loss", "val/loss"])
+        w.writerows([0, s, tl, vl] for s, tl, vl in rows)
+
+    curves = read_metrics_csv(run_dir / "csv" / "metrics.csv")
+    assert curves["train/loss"] == [(0, 10.0), (1, 9.0), (2, 8.0), (3, 17.0), (4, 16.0), (5, 15.0)]
+    assert curves["val/loss"] == [(5, 3.0)]  # the abandoned attempt's step-4 value is gone
+    rec = run_record(run_dir)
+    assert rec["final_train_loss"] == 15.0 and rec["final_val_loss"] == 3.0
+    assert rec["best_val_loss"] == 3.0  # from the kept curve, not the abandoned 0.5
+    assert rec["steps"] == 5
+
+
+def _write_wandb_log(path: Path, history: list[dict[str, float]]) -> None:
+    """An offline W&B transaction log holding a run record and these history rows
+    (one full chunk per record, as W&B writes small records)."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2
+
+    records = [wandb_internal_pb2.Record()]
+    records[0].run.run_id = "abc"
+    for row in history:
+        rec = wandb_internal_pb2.Record()
+        for k, v in row.items():
+            item = rec.history.item.add()
+            item.key, item.value_json = k, json.dumps(v)
+        records.append(rec)
+    out = bytearray(b":W&B\x00\x00\x01")
+    for rec in records:
+        data = rec.SerializeToString()
+        left = 32768 - len(out) % 32768
+        if left < 7 + len(data):
+            out += b"\x00" * left  # start a new block (the tiny logs here never need to)
+        out += struct.pack("<IHB", 0, len(data), 1) + data
+    path.parent.mkdir(parents=True)
+    path.write_bytes(bytes(out))
+
+
+def test_resumed_wandb_run_reads_every_attempt(tmp_path):
+    """A run resumed at step 2 has two W&B logs (one per attempt): both are read, oldest
+    first, and the second replaces what the first logged from step 2 on."""
+    pytest.importorskip("wandb")
+    from mixtrain.report import read_wandb_history, run_record
+
+    run_dir = resumed_run_dir(tmp_path)
+    first = [{"trainer/global_step": s, "train/loss": 10.0 - s, "_step": s} for s in range(5)]
+    first.append({"trainer/global_step": 3, "val/loss": 0.5})
+    second = [{"trainer/global_step": s, "train/loss": 20.0 - s} for s in range(2, 6)]
+    second.append({"trainer/global_step": 5, "val/loss": 4.0})
+    # Folder names carry the start time: the resumed attempt sorts last even when its
+    # file is older on disk (a copied run directory).
+    _write_wandb_log(run_dir / "wandb" / "offline-run-20260101_100000-abc" / "run-abc.wandb", second)
+    _write_wandb_log(run_dir / "wandb" / "offline-run-20260101_090000-abc" / "run-abc.wandb", first)
+
+    curves = read_wandb_history(run_dir)
+    assert curves["train/loss"] == [(0, 10.0), (1, 9.0), (2, 18.0), (3, 17.0), (4, 16.0), (5, 15.0)]
+    assert curves["val/loss"] == [(5, 4.0)]
+    assert "_step" not in curves and "trainer/global_step" not in curves
+    rec = run_record(run_dir)
+    assert rec["final_val_loss"] == rec["best_val_loss"] == 4.0 and rec["final_train_loss"] == 15.0

@@ -163,48 +163,15 @@ def test_attention_only_training_freezes_the_rest(shared_cache, tmp_path):
     assert any(k.endswith("attn.wq.weight") for k in changed)
 
 
-def wandb_records(path: Path):
-    """The records of a .wandb file: a 7-byte file header, then LevelDB-style log
-    blocks of 32 KiB holding [crc32 (4) | length (2, LE) | type (1) | data] chunks
-    (type 1 full, 2 first, 3 middle, 4 last)."""
-    import struct
-
-    raw = path.read_bytes()
-    assert raw[:4] == b":W&B", "not a W&B transaction log"
-    pos, block, pending = 7, 32768, b""
-    while pos + 7 <= len(raw):
-        left = block - pos % block
-        if left < 7:  # block trailer padding
-            pos += left
-            continue
-        _, length, kind = struct.unpack("<IHB", raw[pos : pos + 7])
-        if kind == 0 and length == 0:
-            pos += left
-            continue
-        data = raw[pos + 7 : pos + 7 + length]
-        pos += 7 + length
-        if kind == 1:
-            yield data
-        elif kind == 2:
-            pending = data
-        elif kind == 3:
-            pending += data
-        elif kind == 4:
-            yield pending + data
-            pending = b""
-
-
 def test_wandb_offline_run_holds_the_metrics(shared_cache, tmp_path):
     pytest.importorskip("wandb")
-    from wandb.proto import wandb_internal_pb2
+    from mixtrain.report import wandb_records  # the reader `mixtrain compare` uses
 
     run(shared_cache, tmp_path, "wb", "logger=wandb", "logger.mode=offline", "train.max_tokens=2048")
     files = list((tmp_path / "wb" / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(files) == 1
     history, config, summary = set(), {}, {}
-    for data in wandb_records(files[0]):
-        rec = wandb_internal_pb2.Record()
-        rec.ParseFromString(data)
+    for rec in wandb_records(files[0]):
         kind = rec.WhichOneof("record_type")
         if kind == "history":
             history.update(item.key or "/".join(item.nested_key) for item in rec.history.item)

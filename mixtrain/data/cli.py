@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 
 
@@ -109,21 +108,3 @@ def register_group(subparsers) -> argparse.ArgumentParser:
     data = subparsers.add_parser("data", help="prepare corpora: train a tokenizer, build the packed cache")
     register(data.add_subparsers(dest="data_command", required=True))
     return data
-
-
-def main(argv=None) -> int:
-    """Standalone entry point: ``python -m mixtrain.data.cli tokenizer --out ...``."""
-    parser = argparse.ArgumentParser(prog="mixtrain data")
-    register(parser.add_subparsers(dest="data_command", required=True))
-    args = parser.parse_args(sys.argv[1:] if argv is None else argv)
-    from mixtrain.data.corpus import DataError
-
-    try:
-        return args.func(args)
-    except DataError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -404,11 +404,11 @@ class PretrainDataModule(_Base):
     the next unseen batch.
     """
 
-    def __init__(self, cfg: Any, seq_len: int, micro_batch_size: int, vocab_size: int, num_workers: int = 0):
+    def __init__(self, cfg: Any, seq_len: int, micro_batch_size: int, vocab_size: int, num_workers: Optional[int] = None):
         super().__init__()
         self.cfg = as_data_config(cfg)
         self.seq_len, self.micro_batch_size, self.vocab_size = int(seq_len), int(micro_batch_size), int(vocab_size)
-        self.num_workers = int(num_workers)
+        self.num_workers = int(num_workers if num_workers is not None else self.cfg.num_workers)
         self.prepared: Optional[Prepared] = None
         self.train_set: Optional[PackedDataset] = None
         self.val_set: Optional[PackedDataset] = None

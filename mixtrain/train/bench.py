@@ -19,21 +19,13 @@ import resource
 import shlex
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from mixtrain import accounting
+from mixtrain.devices import resolve_device, synchronize, time_per_call
 from mixtrain.errors import UserError
-
-
-def _device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda: no GPU is visible; use --device cpu")
-    return torch.device(name)
 
 
 def bench_config(
@@ -52,6 +44,7 @@ def bench_config(
     from mixtrain.config import compose
     from mixtrain.layouts import LayoutError, build_layout
     from mixtrain.model import Transformer
+    from mixtrain.train.module import lm_loss
     from mixtrain.train.parallel import parallelize
 
     cfg = compose(overrides)
@@ -81,28 +74,22 @@ def bench_config(
     def step() -> float:
         with amp:
             out = model(inputs)
-        loss = F.cross_entropy(out.logits.float().flatten(0, 1), labels.flatten())
-        if cfg.model.moe is not None:
-            loss = loss + cfg.model.moe.lb_loss_weight * out.aux["lb_loss"] + cfg.model.moe.z_loss_weight * out.aux["z_loss"]
+        loss, _ = lm_loss(out, labels, cfg.model.moe)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
         return loss.detach()
 
-    def sync() -> None:
-        if on_gpu:
-            torch.cuda.synchronize(device)
-
     for _ in range(warmup):
         step()
-    sync()
+    synchronize(device)
     if on_gpu:
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
     for _ in range(steps):
         loss = step()
-    sync()
+    synchronize(device)
     dt = (time.perf_counter() - t0) / steps
     tokens = micro_batch * seq_len
     flops = accounting.train_flops_per_token(cfg.model, layout, seq_len)
@@ -129,7 +116,7 @@ def bench_config(
 
 
 def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     base = list(args.overrides)
@@ -219,19 +206,6 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
 
 
 # ---------------------------------------------------------------------------- MoE layer
-def _time(fn, steps: int, warmup: int, device: torch.device) -> float:
-    for _ in range(warmup):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    t0 = time.perf_counter()
-    for _ in range(steps):
-        fn()
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return (time.perf_counter() - t0) / steps
-
-
 def bench_moe(
     *, d_model: int, n_experts: int, top_k: int, expert_hidden: int, tokens: int,
     steps: int, warmup: int, device: torch.device, megablocks: bool = False,
@@ -265,7 +239,7 @@ def bench_moe(
     expert_flops = 3 * 2 * 3 * tokens * top_k * d_model * expert_hidden  # fwd+bwd, three matmuls
     rows = []
     for name, fn in [("experts only", experts_step), ("MoE layer", layer_step)]:
-        dt = _time(fn, steps, warmup, device)
+        dt = time_per_call(fn, device, steps, warmup)
         rows.append({"what": name, "ms": dt * 1e3, "tflops": expert_flops / dt / 1e12})
     if megablocks:
         from mixtrain.model.moe import MegablocksMoE
@@ -277,7 +251,7 @@ def bench_moe(
                 out, _ = mb(x)
             out.float().sum().backward()
 
-        dt = _time(mb_step, steps, warmup, device)
+        dt = time_per_call(mb_step, device, steps, warmup)
         rows.append({"what": "megablocks dMoE", "ms": dt * 1e3, "tflops": expert_flops / dt / 1e12})
     base = rows[0]["ms"]
     for r in rows:
@@ -286,7 +260,7 @@ def bench_moe(
 
 
 def _moe_main(args: argparse.Namespace) -> int:
-    device = _device(args.device)
+    device = resolve_device(args.device)
     if device.type == "cpu" and args.threads:
         torch.set_num_threads(args.threads)
     rows = bench_moe(

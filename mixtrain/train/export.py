@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from mixtrain.errors import UserError
 
@@ -74,15 +74,8 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     src = Path(source)
     out_dir = Path(out) if out else (src if src.is_dir() and (src / "checkpoints").is_dir() else src.parent) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
-    # safetensors stores each tensor once: drop the tied output head (re-tied on load).
-    seen: dict[int, str] = {}
-    tensors = {}
-    for k, v in state.items():
-        ptr = v.untyped_storage().data_ptr() if v.numel() else id(v)
-        if ptr in seen:
-            continue
-        seen[ptr] = k
-        tensors[k] = v.contiguous()
+    # Each weight is its own tensor (a tied head is the embedding itself, not a copy).
+    tensors = {k: v.contiguous() for k, v in state.items()}
     tmp = out_dir / ".tmp-model.safetensors"
     save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
     os.replace(tmp, out_dir / "model.safetensors")
@@ -118,15 +111,9 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dt
     model.to_empty(device=device)
     model.init_weights()  # buffers (RoPE tables); weights are overwritten below
     missing, unexpected = model.load_state_dict(state, strict=False)
-    tied = {"output.weight", "lm_head.weight"} if cfg.model.tie_embeddings else set()
-    missing = [m for m in missing if m not in tied]
     if missing or unexpected:
         raise UserError(f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
     if dtype is not None:
         model.to(dtype)
         model.reset_rope()  # RoPE tables stay fp32
     return model.eval(), cfg
-
-
-def as_dictconfig(cfg: Any) -> DictConfig:
-    return cfg if isinstance(cfg, DictConfig) else OmegaConf.create(cfg)

@@ -48,6 +48,24 @@ def freeze_all_but_attention(model: torch.nn.Module) -> int:
     return n
 
 
+def lm_loss(out, labels: torch.Tensor, moe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """Next-token cross-entropy (labels of -100 are ignored: padding, or the non-answer
+    tokens of the long-QA stage) plus the weighted MoE load-balancing and z-losses.
+    Returns the loss to minimise and detached metrics (``ce``, ``lb_loss``, ``z_loss``,
+    ``expert_counts``)."""
+    logits = out.logits.float()
+    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    metrics = {"ce": ce.detach()}
+    loss = ce
+    if moe is not None:
+        lb, z = out.aux["lb_loss"], out.aux["z_loss"]
+        loss = loss + moe.lb_loss_weight * lb + moe.z_loss_weight * z
+        metrics.update(lb_loss=lb.detach(), z_loss=z.detach())
+        if "expert_counts" in out.aux:
+            metrics["expert_counts"] = out.aux["expert_counts"]
+    return loss, metrics
+
+
 class LMModule(L.LightningModule):
     def __init__(
         self,
@@ -108,21 +126,7 @@ class LMModule(L.LightningModule):
     # ------------------------------------------------------------------ loss
     def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         doc_ids = batch.get("doc_ids") if self.cfg.data.intra_doc_attention else None
-        out = self.model(batch["input_ids"], doc_ids=doc_ids)
-        logits = out.logits.float()
-        labels = batch["labels"]
-        ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.view(-1), ignore_index=-100)
-        metrics = {"ce": ce.detach()}
-        loss = ce
-        moe = self.cfg.model.moe
-        if moe is not None:
-            lb, z = out.aux["lb_loss"], out.aux["z_loss"]
-            loss = loss + moe.lb_loss_weight * lb + moe.z_loss_weight * z
-            metrics["lb_loss"] = lb.detach()
-            metrics["z_loss"] = z.detach()
-            if "expert_counts" in out.aux:
-                metrics["expert_counts"] = out.aux["expert_counts"]
-        return loss, metrics
+        return lm_loss(self.model(batch["input_ids"], doc_ids=doc_ids), batch["labels"], self.cfg.model.moe)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss, metrics = self._loss(batch)

@@ -334,7 +334,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         vocab_size=cfg.model.vocab_size,
     )
     tokens_per_step = int(cfg.train.global_batch_tokens)
-    flops = accounting.train_flops_per_token(cfg.model, layout, cfg.train.seq_len)
+    flops = accounting.train_flops_per_token(cfg.model, layout, cfg.train.seq_len, cfg.train.trainable)
     figures = {
         "kv_bytes_per_token_32k": accounting.kv_bytes_per_token(cfg.model, layout, 32768),
         "kv_ratio_vs_standard_32k": accounting.kv_ratio(cfg.model, layout, 32768),
@@ -345,7 +345,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     callbacks = [
         AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints),
-        ThroughputMonitor(tokens_per_step, flops),
+        # MFU against the peak of the precision the matmuls run in.
+        ThroughputMonitor(tokens_per_step, flops, dtype="bf16" if on_gpu and precision != "32-true" or fsdp and on_gpu else "tf32"),
         LayoutRecord(diagram(layout), figures),
         SaveTokenizer(run_dir),
     ]
