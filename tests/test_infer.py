@@ -318,3 +318,21 @@ def test_user_mistakes_get_one_error_and_exit_2(argv, message, capsys, tmp_path)
     assert re.search(message, err), err
     assert re.search(message, line) or "Could not find" in line, line  # the reason is on the error line
     assert not (tmp_path / "bench_infer.json").exists()
+
+
+def test_decode_fit_check_backs_off_on_out_of_memory():
+    """The GPU capacity check, run on CPU with an allocator that fails above 5 rows: the
+    cache is allocated and one decode step run per try, and freed after each."""
+    from mixtrain.infer.bench import _decode_fits, verified_fit
+
+    engine = Engine(build_model(CFG, layout_for("ma_offset", 6), device="cpu", seed=8))
+    real = engine.new_cache
+
+    def new_cache(batch, max_context):
+        if batch > 5:
+            raise torch.OutOfMemoryError("fake: out of memory")
+        return real(batch, max_context)
+
+    engine.new_cache = new_cache
+    assert verified_fit(lambda b: _decode_fits(engine, b, 3 * W, torch.device("cpu"), None), 9) == 5
+    assert engine.cache is None

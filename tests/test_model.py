@@ -260,6 +260,16 @@ def test_masks_built_once_per_forward_per_key(monkeypatch):
     assert calls == [("sliding", W)]
 
 
+def test_sliding_window_covering_the_sequence_takes_the_causal_kernel():
+    from mixtrain.model.masks import build_masks
+
+    masks = build_masks([("sliding", 32)], 32, "cpu", "sdpa")
+    assert masks[("sliding", 32)].causal  # T <= W: nothing is cut
+    masks = build_masks([("sliding", 32)], 33, "cpu", "sdpa")
+    assert not masks[("sliding", 32)].causal and masks[("sliding", 32)].dense is not None
+    assert torch.equal(dense_mask("sliding", 32, 32, "cpu"), dense_mask("global", None, 32, "cpu"))
+
+
 def test_causal_fast_path_equals_the_explicit_global_mask():
     from mixtrain.model.attention import sdpa_attention
     from mixtrain.model.masks import AttentionMask, build_masks

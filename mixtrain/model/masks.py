@@ -155,7 +155,10 @@ def build_masks(
     for key in dict.fromkeys(mask_keys):
         kind, window = key
         m = AttentionMask(kind, window)
-        if kind == "global" and doc_ids is None and key not in dense_keys:
+        # Plain causal attention: global layers, and sliding layers whose window covers
+        # the whole sequence (T <= W: the window cuts nothing).
+        plain_causal = kind == "global" or (window is not None and T <= window)
+        if plain_causal and doc_ids is None and key not in dense_keys:
             m.causal = True
             masks[key] = m
             continue
