@@ -113,6 +113,8 @@ def param_counts(cfg: ModelConfig, layout: Layout) -> ParamCounts:
     mlp1, mlp1_active, router1 = _mlp_params(cfg)
     mlp, mlp_active, router = L * mlp1, L * mlp1_active, L * router1
     norms = (2 * L + 1) * d
+    if getattr(cfg, "kv_norm", False):  # CLA: a KV-path norm in every layer that projects K or V
+        norms += d * sum(1 for i, s in enumerate(layout.layers) if s.kv_source == i)
     input_embedding = cfg.vocab_size * d
     output_head = 0 if cfg.tie_embeddings else cfg.vocab_size * d
     embedding = input_embedding + output_head

@@ -52,6 +52,9 @@ class ModelConfig:
     rope_theta: float = 10000.0
     sliding_window: int = 32
     tie_embeddings: bool = False
+    # Cross-Layer Attention: layers that compute K/V normalise their input with a norm
+    # of their own (the KV path), separate from the query path's.
+    kv_norm: bool = False
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # "auto": FlexAttention on CUDA, SDPA with an explicit mask elsewhere.

@@ -335,6 +335,7 @@ MODEL_CASES = {
     "tiny_moe": (tiny(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32)), lambda: std(4)),
     "mixattention": (tiny(n_layers=6), lambda: parse("ma6", "G s s<1 s s<3 s<3", 4)),
     "tied": (tiny(tie_embeddings=True), lambda: parse("cla2", "G G<0 G G<2")),
+    "cla_kv_norm": (tiny(kv_norm=True), lambda: parse("cla2", "G G<0 G G<2")),
     "shared_attention": (tiny(), lambda: parse("mixed", MIXED, 4)),
     "moe_mixattention": (tiny(n_layers=6, moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=32)),
                          lambda: parse("ma6", "s s<0 G s s<3 G<2", 4)),

@@ -171,6 +171,11 @@ def test_two_cpu_processes_through_the_launcher_and_restart(shared_cache, tmp_pa
     result = json.loads((run_dir / "result.json").read_text())
     assert result["status"] == "completed" and result["steps"] == 2
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith("tiny-")] == [run_dir.name]
+    # One training-loss curve over both attempts: one point per optimizer step.
+    from mixtrain.report import read_metrics_csv
+
+    steps = [s for s, _ in read_metrics_csv(run_dir / "csv" / "metrics.csv")["train/loss"]]
+    assert len(steps) == 2 and steps == sorted(set(steps)), steps
 
 
 def hydra_compose(overrides: list[str]):

@@ -485,3 +485,19 @@ def test_other_recipe_sizes():
     n = lambda name: param_counts(build_model(c := load_recipe(RECIPES / f"{name}.yaml"), standard(c.n_layers), "meta"))[1]  # noqa: E731
     assert float(f"{n('dense_125m'):.3g}") == 1.26e8
     assert 1.0e9 < n("cla_1b") < 1.3e9
+
+
+def test_cla_kv_norm_normalises_only_the_kv_path():
+    """CLA's separate KV-path norm: present in layers that project K or V, absent in
+    consumers; at init (ones) it equals the shared norm, and it acts on K/V alone."""
+    plain, split = model(cfg()), model(cfg(kv_norm=True))
+    assert [b.kv_norm is not None for b in split.layers] == [True, True, False, False, True, True]
+    split.load_state_dict(plain.state_dict(), strict=False)
+    ids = torch.randint(0, 97, (2, 12))
+    torch.testing.assert_close(split(ids).logits, plain(ids).logits)
+    with torch.no_grad():
+        split.layers[1].kv_norm.weight.mul_(3.0)  # layer 1 produces K/V for layer 2
+    x = torch.randn(2, 12, 32)
+    x_q, x_kv = split.layers[1].attn_inputs(x)
+    torch.testing.assert_close(x_kv, 3.0 * x_q)
+    assert not torch.allclose(split(ids).logits, plain(ids).logits)

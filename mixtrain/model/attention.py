@@ -149,21 +149,25 @@ class Attention(nn.Module):
 
     # -- reusable pieces (the inference engine calls these with cached K/V) --------------
 
-    def project(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
+    def project(
+        self, x: Tensor, cos: Tensor, sin: Tensor, x_kv: Optional[Tensor] = None
+    ) -> tuple[Optional[Tensor], Optional[Tensor], Optional[Tensor]]:
         """x [B,T,C] -> (q [B,Hq,T,D] | None, k [B,Hkv,T,D] | None, v [B,Hkv,T,D] | None).
 
         q and k are rotated at the positions cos/sin [B|1, 1, T, D/2] were gathered at.
-        A producer returns q, k, v; a consumer only q; a shared layer only v."""
+        A producer returns q, k, v; a consumer only q; a shared layer only v. ``x_kv``:
+        the K/V path's input when it is normalised separately (CLA), else ``x``."""
         B, T, _ = x.shape
+        x_kv = x if x_kv is None else x_kv
         q = k = v = None
         if self.role != "shared":
             q = self.wq(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
             q = apply_rope(q, cos, sin)
         if self.role == "producer":
-            k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            k = self.wk(x_kv).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
             k = apply_rope(k, cos, sin)
         if self.role != "consumer":
-            v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+            v = self.wv(x_kv).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         return q, k, v
 
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
@@ -194,6 +198,7 @@ class Attention(nn.Module):
         kv: Optional[tuple[Tensor, Tensor]] = None,
         probs: Optional[Tensor] = None,
         return_probs: bool = False,
+        x_kv: Optional[Tensor] = None,
     ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]], Optional[Tensor]]:
         """x [B,T,C] -> (out [B,T,C], (k, v) this layer produced or None, probs or None).
 
@@ -201,7 +206,7 @@ class Attention(nn.Module):
         probs: the source layer's probabilities, required for a shared layer.
         return_probs: compute probabilities explicitly and return them (a later layer
                       borrows them)."""
-        q, k, v = self.project(x, cos, sin)
+        q, k, v = self.project(x, cos, sin, x_kv)
         if self.role == "consumer":
             if kv is None:
                 raise RuntimeError(f"layer {self.index} is a KV consumer but got no K/V from its producer")

@@ -66,19 +66,30 @@ class Block(nn.Module):
         self.index = index
         self.attn_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.attn = Attention(cfg, spec, index)
+        # CLA's separate KV-path norm, in the layers that project K or V.
+        self.kv_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps) if cfg.kv_norm and self.attn.role != "consumer" else None
         self.mlp_norm = nn.RMSNorm(cfg.d_model, eps=cfg.norm_eps)
         self.is_moe = cfg.moe is not None
         self.mlp = build_moe(cfg.moe, cfg.d_model) if self.is_moe else MLP(cfg.d_model, cfg.ffn_hidden)
 
     def init_weights(self, std: float, out_std: float, generator: Optional[torch.Generator] = None) -> None:
         self.attn_norm.reset_parameters()
+        if self.kv_norm is not None:
+            self.kv_norm.reset_parameters()
         self.mlp_norm.reset_parameters()
         self.attn.init_weights(std, out_std, generator)
         self.mlp.init_weights(std, out_std, generator)
 
+    def attn_inputs(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """The normalised inputs of the query path and of the K/V path (the same tensor
+        unless the model has CLA's separate KV norm)."""
+        x_q = self.attn_norm(x)
+        return x_q, (self.kv_norm(x) if self.kv_norm is not None else x_q)
+
     def forward(self, x, cos, sin, mask, kv=None, probs=None, return_probs=False):
         """x [B,T,C] -> (x [B,T,C], produced (k, v) | None, probs | None, moe aux | None)."""
-        a, produced, new_probs = self.attn(self.attn_norm(x), cos, sin, mask, kv=kv, probs=probs, return_probs=return_probs)
+        x_q, x_kv = self.attn_inputs(x)
+        a, produced, new_probs = self.attn(x_q, cos, sin, mask, kv=kv, probs=probs, return_probs=return_probs, x_kv=x_kv)
         x = x + a
         aux = None
         if self.is_moe:
