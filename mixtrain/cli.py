@@ -239,7 +239,12 @@ def _registered_main(command: str, argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="mixtrain")
     sub = parser.add_subparsers(dest="command", required=True)
     getattr(importlib.import_module(module), function)(sub)
-    args = parser.parse_args([command, *argv])
+    args, extra = parser.parse_known_args([command, *argv])
+    # Recipe overrides may come after options (`--layouts ma model.n_layers=12`).
+    if extra and hasattr(args, "overrides") and all("=" in a and not a.startswith("-") for a in extra):
+        args.overrides = [*args.overrides, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return int(args.func(args) or 0)
 
 

@@ -336,3 +336,17 @@ def test_decode_fit_check_backs_off_on_out_of_memory():
     engine.new_cache = new_cache
     assert verified_fit(lambda b: _decode_fits(engine, b, 3 * W, torch.device("cpu"), None), 9) == 5
     assert engine.cache is None
+
+
+@pytest.mark.parametrize("name", ["cla2", "shared"])
+def test_cached_decode_with_cla_kv_norm(name):
+    """CLA's separate KV-path norm: the engine projects K/V from its own norm."""
+    cfg = replace(CFG, kv_norm=True)
+    model = build_model(cfg, layout_for(name, cfg.n_layers), device="cpu", seed=3)
+    with torch.no_grad():  # make the two norms differ, or the test could not tell them apart
+        for block in model.layers:
+            if block.kv_norm is not None:
+                block.kv_norm.weight.uniform_(0.5, 2.0)
+    ids = ids_for(3 * W + 2, B=2)
+    got, _ = cached_logits(model, ids, n_prompt=5, chunk=3)
+    torch.testing.assert_close(got, model(ids).logits, atol=ATOL, rtol=0)

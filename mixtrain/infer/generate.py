@@ -13,7 +13,7 @@ or lower level (what the tests and the benchmark use):
 One forward (:meth:`Engine.forward`) extends the cache by t columns (t = a prefill
 chunk, or 1 at decode). Per layer, in depth order:
 
-    x = attn_norm(h); q, k, v = attn.project(x, rope at each row's positions)
+    x, x_kv = block.attn_inputs(h); q, k, v = attn.project(x, rope at each row's positions, x_kv)
     producer:  K, V, cols = cache.append_and_read(i, k, v)     (remembered for consumers)
     consumer:  K, V, cols = what its producer returned this forward
     attention: SDPA over (K, V) with the (kind, window) mask; a layer whose probabilities
@@ -144,7 +144,8 @@ class Engine:
         h = model.tok_embeddings(ids)  # [B, t, C]
         for i, (block, spec) in enumerate(zip(model.layers, self.layout.layers)):
             attn = block.attn
-            q, k, v = attn.project(block.attn_norm(h), cos, sin)
+            x_q, x_kv = block.attn_inputs(h)
+            q, k, v = attn.project(x_q, cos, sin, x_kv)
             if attn.role == "consumer":
                 K, V = reads[spec.kv_source]
             else:
