@@ -11,6 +11,7 @@ writes a table, compare.csv/.json, loss_curves.png and quality_vs_kv.png.
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Iterable, Optional
 
 from . import accounting as acc
@@ -612,8 +613,22 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens"
     if ax.lines:
         ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path)
+
+
+def save_figure(fig, path: Any, dpi: int = 120) -> "Path":
+    """Write a matplotlib figure atomically (a temporary file renamed into place) and
+    close it: an interrupted run never leaves half a PNG."""
+    from pathlib import Path
+
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=dpi)
     plt.close(fig)
+    tmp.replace(path)
+    return path
 
 
 def plot_quality_vs_kv(records: list[dict[str, Any]], path: Any) -> None:
@@ -641,8 +656,7 @@ def plot_quality_vs_kv(records: list[dict[str, Any]], path: Any) -> None:
         ax.grid(alpha=0.3, which="both")
     axes[0][0].set_title("Quality against KV memory")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def compare(paths: Iterable[Any], out: Any = None, x: str = "tokens", plots: bool = True) -> dict[str, Any]:

@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from mixtrain.data.corpus import DataError, as_data_config, cache_root, corpus_identity, load_documents, short_hash
-from mixtrain.data.pretrain import ResumableSampler, split_documents
+from mixtrain.data.pretrain import ResumableSampler, commit_build, split_documents
 from mixtrain.data.tokenizer import Tok, get_tokenizer
 
 LONGQA_FORMAT = 1
@@ -469,16 +469,7 @@ def build(c, tok: Tok, seq_len: int, out: Path) -> dict:
             "fill": round(used / max(1, len(groups) * capacity), 4),
             "answer_tokens": int(sum(int(m.sum()) for m in masks)),
         }
-    tok.save(tmp / "tokenizer.json")
-    meta["build_seconds"] = round(time.time() - t0, 2)
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
-    try:
-        os.replace(tmp, out)
-    except OSError:  # another process renamed its identical build into place first
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not (out / "meta.json").is_file():
-            raise
-    return meta
+    return commit_build(tmp, out, tok, meta, t0)
 
 
 def prepare_longqa(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = None) -> PreparedQA:

@@ -197,6 +197,12 @@ def _build_packed(c, tok: Tok, seq_len: int, out: Path, docs=None) -> dict:
             "sequences": int(n_seq),
             "tokens_dropped": int(len(stream) - keep),
         }
+    return commit_build(tmp, out, tok, meta, t0)
+
+
+def commit_build(tmp: Path, out: Path, tok: Tok, meta: dict, t0: float) -> dict:
+    """Finish a cache folder built under ``tmp``: add the tokenizer and meta.json, then
+    rename it to ``out`` in one step (readers never see half a cache)."""
     tok.save(tmp / "tokenizer.json")
     meta["build_seconds"] = round(time.time() - t0, 2)
     (tmp / "meta.json").write_text(json.dumps(meta, indent=2))

@@ -204,9 +204,6 @@ def plot(result: dict, path: str | Path) -> Path:
     name = " ".join(str(result[k]) for k in ("name", "layout") if result.get(k))
     ax.set_title(f"loss by position {name}", fontsize=9)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from mixtrain.report import save_figure
+
+    return save_figure(fig, path, dpi=110)

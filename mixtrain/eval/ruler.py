@@ -39,7 +39,6 @@ fact passages instead of SQuAD/HotpotQA.
 from __future__ import annotations
 
 import json
-import math
 import random
 import re
 import string
@@ -776,12 +775,9 @@ def heatmap(result: dict, path: str | Path) -> Path:
     ax.set_title(f"RULER {name} (avg {result['average']:.2f})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    tmp.replace(path)
-    return path
+    from mixtrain.report import save_figure
+
+    return save_figure(fig, path, dpi=110)
 
 
 def log_to_wandb(result: dict, image: Optional[Path], force: Optional[bool] = None, prefix: str = "ruler") -> bool:

@@ -48,7 +48,7 @@ import torch
 from mixtrain.accounting import kv_bytes_per_sequence, param_counts
 from mixtrain.devices import DTYPES, resolve_device, resolve_dtype, synchronize, time_per_call
 from mixtrain.errors import UserError
-from mixtrain.report import human_bytes
+from mixtrain.report import human_bytes, save_figure
 
 _UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -350,9 +350,7 @@ def plot_kv_memory(result: dict[str, Any], path: Path, model_cfg_by_layout: dict
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def run_bench(overrides: Sequence[str], layouts: Sequence[str], *, context: int, memory_budget: str | int = "auto",
