@@ -373,7 +373,8 @@ def test_flex_block_masks_cached_across_forwards():
 
 def test_meta_init_equals_eager_init():
     for c in (cfg(), cfg(moe=MoEConfig(n_experts=4, top_k=2, expert_hidden=16), tie_embeddings=True)):
-        eager = build_model(c, MIXED, device="cpu", seed=123)
+        eager = Transformer(c, MIXED)  # built with real storage from the start
+        eager.init_weights(seed=123)
         with torch.device("meta"):
             meta = Transformer(c, MIXED)
         assert all(p.is_meta for p in meta.parameters())

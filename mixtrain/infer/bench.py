@@ -72,15 +72,12 @@ def build_random_model(overrides: Sequence[str], device: torch.device, dtype: to
     weights on ``device`` in ``dtype``. Returns (model, composed cfg)."""
     from mixtrain.config import compose
     from mixtrain.layouts import build_layout
-    from mixtrain.model import Transformer
+    from mixtrain.model import build_model
 
     cfg = compose(list(overrides))
     layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
-    with torch.device("meta"):
-        model = Transformer(cfg.model, layout)
-    model.to_empty(device=device)
-    model.to(dtype)
-    model.init_weights(seed)  # RoPE buffers are recomputed in fp32 here
+    model = build_model(cfg.model, layout, device=device, seed=seed).to(dtype)
+    model.reset_rope()  # RoPE tables stay fp32
     return model.eval(), cfg
 
 

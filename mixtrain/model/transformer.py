@@ -224,10 +224,12 @@ class Transformer(nn.Module):
 
 
 def build_model(cfg: ModelConfig, layout: Layout, device: torch.device | str = "meta", seed: Optional[int] = None) -> Transformer:
-    """Construct on ``device``; unless that is 'meta', also initialise the weights.
-    On 'meta' the caller does to_empty(...) and init_weights(...) (e.g. after sharding)."""
-    with torch.device(device):
+    """Construct on the meta device (no memory), then, unless ``device`` is 'meta',
+    materialise on ``device`` and initialise (RoPE tables included). With 'meta' the
+    caller does to_empty(...) and init_weights(...) itself (e.g. after sharding)."""
+    with torch.device("meta"):
         model = Transformer(cfg, layout)
     if torch.device(device).type != "meta":
+        model.to_empty(device=device)
         model.init_weights(seed)
     return model

@@ -43,7 +43,7 @@ def bench_config(
     """Time ``steps`` training steps of the model the overrides describe."""
     from mixtrain.config import compose
     from mixtrain.layouts import LayoutError, build_layout
-    from mixtrain.model import Transformer
+    from mixtrain.model import build_model
     from mixtrain.train.module import lm_loss
     from mixtrain.train.parallel import parallelize
 
@@ -55,11 +55,7 @@ def bench_config(
     except LayoutError as e:
         raise UserError(f"{' '.join(overrides)}: {e}") from e
     on_gpu = device.type == "cuda"
-    with torch.device("meta"):
-        model = Transformer(cfg.model, layout)
-    model.to_empty(device=device)
-    torch.manual_seed(seed)
-    model.init_weights(seed=seed)
+    model = build_model(cfg.model, layout, device=device, seed=seed)
     # The recipe's trainer settings count too, so `--compare trainer.compile=true` works.
     if activation_checkpointing == "none":
         activation_checkpointing = cfg.trainer.activation_checkpointing

@@ -99,17 +99,14 @@ def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dt
     """Build the model of an export (or checkpoint / run directory) on one device.
     Returns ``(model, cfg)`` with ``cfg`` the resolved DictConfig of the run."""
     from mixtrain.layouts import build_layout
-    from mixtrain.model import Transformer
+    from mixtrain.model import build_model
 
     state, cfg = read_checkpoint(source)
     if cfg is None:
         raise UserError(f"{source} carries no mixtrain config (config.yaml); cannot rebuild the model")
     cfg = OmegaConf.create(cfg)
     layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
-    with torch.device("meta"):
-        model = Transformer(cfg.model, layout)
-    model.to_empty(device=device)
-    model.init_weights()  # buffers (RoPE tables); weights are overwritten below
+    model = build_model(cfg.model, layout, device=device)  # weights are overwritten below
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
         raise UserError(f"{source} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}")
