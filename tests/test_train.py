@@ -212,3 +212,33 @@ def test_unknown_override_names_the_key():
         compose(["model.d_modle=3"])
     with pytest.raises(UserError, match="Value 'six' of type 'str' could not be converted to Integer"):
         compose(["model.n_layers=six"])
+
+
+def test_sigterm_mid_step_stops_at_the_step_boundary_with_a_checkpoint(shared_cache, tmp_path, monkeypatch):
+    """A preemption signal arriving mid gradient accumulation: the step finishes, a
+    checkpoint is written, and the resumed run ends exactly where an uninterrupted one does."""
+    import os
+    import signal
+
+    from mixtrain.train.module import LMModule
+
+    run(shared_cache, tmp_path, "full")
+    real = LMModule.on_train_batch_start
+
+    def start_and_get_killed(self, batch, batch_idx):
+        real(self, batch, batch_idx)
+        if batch_idx == 4 and self.trainer.global_step == 2:  # first micro-batch of step 3
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(LMModule, "on_train_batch_start", start_and_get_killed)
+    before = signal.getsignal(signal.SIGTERM)
+    stopped = run(shared_cache, tmp_path, "killed", "train.save_every_steps=100")
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers are given back
+    assert stopped["steps"] == 3
+    assert [s for s, _ in list_checkpoints(tmp_path / "killed")] == [3]
+    monkeypatch.setattr(LMModule, "on_train_batch_start", real)
+    run(shared_cache, tmp_path, "killed", "train.save_every_steps=100", "run.resume=auto")
+    wa = weights(latest_checkpoint(tmp_path / "full"))
+    wb = weights(latest_checkpoint(tmp_path / "killed"))
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k

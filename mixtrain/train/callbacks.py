@@ -119,3 +119,55 @@ class StopAfterSteps(L.Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
         if trainer.global_step - self._start >= self.steps:
             trainer.should_stop = True
+
+
+class GracefulStop(L.Callback):
+    """SIGTERM or SIGUSR1 (a preemption, ``scancel``, a SLURM requeue, Ctrl-\\ from
+    ``kill``) ends training at the next optimizer-step boundary instead of mid-step:
+    the checkpoint callback then saves on the way out, so a requeued job resumes from
+    the step it reached, bit for bit, and redoes nothing.
+
+    The handlers replace Lightning's own (which would stop after the current
+    micro-batch, mid gradient accumulation, without a checkpoint) for the duration of
+    training. All ranks agree at each step boundary (one boolean all-reduce)."""
+
+    SIGNALS = ("SIGTERM", "SIGUSR1")
+
+    def __init__(self) -> None:
+        self.requested: Optional[str] = None
+        self._previous: dict = {}
+        self._last_step = -1
+
+    def _handler(self, signum, frame) -> None:
+        import signal
+
+        self.requested = signal.Signals(signum).name
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+        import threading
+
+        self._last_step = trainer.global_step
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be installed from the main thread
+        for name in self.SIGNALS:
+            sig = getattr(signal, name, None)
+            if sig is not None:
+                self._previous[sig] = signal.signal(sig, self._handler)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self._last_step:
+            return  # mid gradient accumulation: finish the step first
+        self._last_step = trainer.global_step
+        if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
+            from lightning.pytorch.utilities import rank_zero_info
+
+            rank_zero_info(f"{self.requested or 'stop signal'} received: stopping after step {trainer.global_step}")
+            trainer.should_stop = True
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        import signal
+
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous = {}

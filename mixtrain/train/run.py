@@ -293,7 +293,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from lightning.pytorch.callbacks import TQDMProgressBar
 
     from mixtrain.data import build_datamodule
-    from mixtrain.train.callbacks import LayoutRecord, SaveTokenizer, StopAfterSteps, ThroughputMonitor
+    from mixtrain.train.callbacks import GracefulStop, LayoutRecord, SaveTokenizer, StopAfterSteps, ThroughputMonitor
     from mixtrain.train.checkpoint import AtomicCheckpoint, checkpoint_step
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
@@ -349,6 +349,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ThroughputMonitor(tokens_per_step, flops, dtype="bf16" if on_gpu and precision != "32-true" or fsdp and on_gpu else "tf32"),
         LayoutRecord(diagram(layout), figures),
         SaveTokenizer(run_dir),
+        GracefulStop(),
     ]
     if cfg.train.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
