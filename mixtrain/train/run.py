@@ -345,8 +345,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     }
     callbacks = [
         AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints),
-        # MFU against the peak of the precision the matmuls run in.
-        ThroughputMonitor(tokens_per_step, flops, dtype="bf16" if on_gpu and precision != "32-true" or fsdp and on_gpu else "tf32"),
+        # MFU against the peak of the precision the matmuls run in (FSDP: its bf16 policy).
+        ThroughputMonitor(tokens_per_step, flops, dtype="bf16" if on_gpu and (fsdp or precision != "32-true") else "tf32"),
         LayoutRecord(diagram(layout), figures),
         SaveTokenizer(run_dir),
         GracefulStop(),
