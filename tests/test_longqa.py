@@ -159,7 +159,10 @@ def test_jsonl_plugin_source(tmp_path, corpus):
     records = ds.qa()
     tok = prepared.tokenizer
     pairs = [q for r in records for q in r["qa"]]
-    assert len(pairs) == len(rows)  # every record's pair is used once
+    # Every record's pair is used once, except one that could only have formed an
+    # example of its own document (reported as unplaced).
+    unplaced = prepared.meta["splits"]["train"]["qa_pairs_unplaced"]
+    assert len(pairs) + unplaced == len(rows) and unplaced <= 1
     assert {"Record 0", "island 1"} <= {q["answer"] for q in pairs}
     for i, r in enumerate(records):
         item = ds[i]
@@ -228,3 +231,17 @@ def test_errors_name_the_setting(tmp_path, corpus):
         prepare_longqa(qa_cfg(root, tok_path, qa_source="jsonl", qa_path=str(bad), cache_dir=str(tmp_path)), 256, 512)
     with pytest.raises(LongQAError, match="qa_source=jsonl needs data.qa_path"):
         prepare_longqa(qa_cfg(root, tok_path, qa_source="jsonl", cache_dir=str(tmp_path)), 256, 512)
+
+
+def test_leftover_chunks_of_one_long_document_are_not_examples_of_their_own():
+    from mixtrain.data.longqa import QAItem, assemble
+
+    def item(doc, k):
+        return QAItem(doc=doc, context=[1] * 100, question_ids=[2] * 5, answer_ids=[3] * 2,
+                      question=f"q{doc}-{k}", answer="a")
+
+    items = [item(d, k) for d in range(20) for k in range(4)] + [item(99, k) for k in range(300)]
+    examples = assemble(items, capacity=1000, seed=0)
+    docs = [{items[i].doc for i in e} for e in examples]
+    assert all(len(d) >= 2 for d in docs)  # every example mixes documents
+    assert sum(len(e) for e in examples) >= 80  # the short documents are all used

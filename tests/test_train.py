@@ -242,3 +242,35 @@ def test_sigterm_mid_step_stops_at_the_step_boundary_with_a_checkpoint(shared_ca
     wb = weights(latest_checkpoint(tmp_path / "killed"))
     for k in wa:
         assert torch.equal(wa[k], wb[k]), k
+
+
+def test_init_from_a_different_layout_is_refused(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "base", "train.max_tokens=1024")
+    with pytest.raises(UserError, match=r"holds a different model: layout: ma_offset there, ma_pairs here"):
+        run(shared_cache, tmp_path, "next", "layout=ma_pairs", "train.max_tokens=1024",
+            f"train.init_from={tmp_path / 'base'}")
+    with pytest.raises(UserError, match=r"model\.d_model: 64 there, 96 here"):
+        run(shared_cache, tmp_path, "next2", "model.d_model=96", "train.max_tokens=1024",
+            f"train.init_from={tmp_path / 'base'}")
+
+
+def test_train_loss_is_the_mean_over_the_micro_batches_of_a_step():
+    from mixtrain.layouts import build_layout
+    from mixtrain.train.module import LMModule, lm_loss
+
+    cfg = compose(["model=tiny", "layout=ma_offset"])
+    layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+    module = LMModule(cfg, layout, total_steps=10)
+    module.configure_model()
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    g = torch.Generator().manual_seed(0)
+    batches = [{"input_ids": torch.randint(0, 512, (2, 16), generator=g),
+                "labels": torch.randint(0, 512, (2, 16), generator=g)} for _ in range(2)]
+    for i, b in enumerate(batches):
+        module.training_step(b, i)
+    module._log_step_metrics()
+    with torch.no_grad():
+        ces = [float(lm_loss(module.model(b["input_ids"]), b["labels"])[1]["ce"]) for b in batches]
+    assert ces[0] != ces[1]
+    assert logged["train/loss"] == pytest.approx(sum(ces) / 2, rel=1e-6)

@@ -282,7 +282,7 @@ def assemble(items: list[QAItem], capacity: int, seed: int, max_examples: Option
     """Group item indices into examples of at most ``capacity`` tokens, no two items of
     one example from the same document or with the same question. Items are taken in
     a seeded random order; an item that conflicts with the open example waits for the
-    next one."""
+    next one. Examples that end up holding a single document are dropped."""
     order = np.random.default_rng(seed).permutation(len(items)).tolist()
     examples: list[list[int]] = []
     cur: list[int] = []
@@ -343,6 +343,11 @@ def assemble(items: list[QAItem], capacity: int, seed: int, max_examples: Option
         if not cur and len(pending) == before:
             break
     close()
+    # Chunks left over from one long document cannot meet chunks of other documents:
+    # an example of one document is not what this stage trains on, so it is dropped
+    # (unless the corpus has a single document).
+    mixed = [e for e in examples if len({items[i].doc for i in e}) >= 2]
+    examples = mixed or examples
     return examples[:max_examples] if max_examples is not None else examples
 
 
@@ -465,6 +470,9 @@ def build(c, tok: Tok, seq_len: int, out: Path) -> dict:
         meta["splits"][split] = {
             "examples": len(groups),
             "qa_pairs": n_pairs,
+            # QA chunks that could not share an example with another document's
+            # (leftovers of very long documents); capped max_examples not counted.
+            "qa_pairs_unplaced": len(split_items) - n_pairs if c.qa_max_examples is None or is_val else None,
             "tokens": used,
             "fill": round(used / max(1, len(groups) * capacity), 4),
             "answer_tokens": int(sum(int(m.sum()) for m in masks)),

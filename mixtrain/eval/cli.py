@@ -98,17 +98,20 @@ def run(args) -> int:
     import torch
 
     from mixtrain.config import layout_name
+    from mixtrain.devices import resolve_device
     from mixtrain.errors import UserError
     from mixtrain.eval import perplexity, ruler
     from mixtrain.train.export import load_model
 
     tasks = [] if args.tasks == "none" else ruler.parse_tasks(args.tasks)  # fail before loading anything
-    if args.samples < 1:
-        raise UserError("--samples must be at least 1")
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError("--device cuda: no CUDA device is available; use --device cpu")
-    dtype = torch.bfloat16 if device.startswith("cuda") else None
+    for flag in ("samples", "batch_size", "ppl_sequences"):
+        if getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    for flag in ("max_new_tokens", "ppl_length"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    device = resolve_device(args.device or "auto")
+    dtype = torch.bfloat16 if device.type == "cuda" else None
     model, cfg = load_model(args.model, device=device, dtype=dtype)
     max_len = int(cfg.model.max_seq_len)
     try:

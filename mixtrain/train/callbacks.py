@@ -135,6 +135,7 @@ class GracefulStop(L.Callback):
 
     def __init__(self) -> None:
         self.requested: Optional[str] = None
+        self.stopped = False
         self._previous: dict = {}
         self._last_step = -1
 
@@ -162,7 +163,15 @@ class GracefulStop(L.Callback):
         if trainer.strategy.reduce_boolean_decision(self.requested is not None, all=False):
             from lightning.pytorch.utilities import rank_zero_info
 
+            from mixtrain.train.checkpoint import AtomicCheckpoint
+
             rank_zero_info(f"{self.requested or 'stop signal'} received: stopping after step {trainer.global_step}")
+            # Checkpoint first: whatever Lightning does on the way out (a validation
+            # pass) must not stand between the signal and a safe checkpoint.
+            for cb in trainer.callbacks:
+                if isinstance(cb, AtomicCheckpoint):
+                    cb.save(trainer)
+            self.stopped = True
             trainer.should_stop = True
 
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

@@ -21,6 +21,31 @@ from mixtrain.layouts import LayoutError, build_layout, diagram
 
 
 # ------------------------------------------------------------------ checks
+# Settings a later stage may change on the previous stage's weights.
+STAGE_MAY_CHANGE = ("name", "rope_theta", "max_seq_len", "attn_impl", "sliding_window")
+
+
+def check_init_from(cfg: DictConfig, layout, previous: Optional[dict[str, Any]]) -> None:
+    """``train.init_from`` must hold the same model (up to RoPE theta, length and
+    kernel) with the same layout structure, or its weights mean something else."""
+    if not previous or "model" not in previous:
+        return  # a bare weights file: load_state_dict still checks names and shapes
+    mine = OmegaConf.to_container(cfg.model, resolve=True)
+    theirs = previous["model"]
+    diff = [f"model.{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine
+            if k not in STAGE_MAY_CHANGE and theirs.get(k, mine[k]) != mine[k]]
+    if not diff and "layout" in previous:
+        prev_layout = build_layout(previous["layout"], theirs["n_layers"], theirs.get("sliding_window", 1))
+        shape = lambda lay: [(l.kind, l.kv_source, l.attn_source) for l in lay.layers]  # noqa: E731
+        if shape(prev_layout) != shape(layout):
+            diff.append(f"layout: {prev_layout.name} there, {layout.name} here (different layer kinds or KV sharing)")
+    if diff:
+        raise UserError(
+            f"train.init_from={cfg.train.init_from} holds a different model: " + "; ".join(diff)
+            + ". Start from a run of the same model and layout"
+        )
+
+
 def _choice(key: str, value: Any, allowed: tuple) -> None:
     if value not in allowed:
         raise UserError(f"{key}={value!r} is not known; use one of: {', '.join(map(str, allowed))}")
@@ -233,15 +258,22 @@ def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
 
 
 def _wandb_run_id(run_dir: Path, fresh: bool = False) -> str:
-    """One W&B run per run directory, continued by every resume. A fresh start in a
-    directory whose earlier attempt never checkpointed gets a run of its own."""
+    """One W&B run per run directory, continued by every resume: the id is kept in
+    ``<run_dir>/wandb_id``. A fresh start (no checkpoint to resume) opens a new run,
+    so an attempt that died before its first checkpoint does not share its curves."""
     import hashlib
     import time
 
-    key = str(run_dir.resolve())
-    if fresh and (run_dir / "wandb").exists():
-        key += f"@{time.time_ns()}"
-    return hashlib.sha1(key.encode()).hexdigest()[:16]
+    path = run_dir / "wandb_id"
+    if not fresh and path.is_file():
+        return path.read_text().strip()
+    key = str(run_dir.resolve()) + (f"@{time.time_ns()}" if path.exists() or (run_dir / "wandb").exists() else "")
+    run_id = hashlib.sha1(key.encode()).hexdigest()[:16]
+    if is_first_process():
+        tmp = run_dir / ".wandb_id.tmp"
+        tmp.write_text(run_id + "\n")
+        os.replace(tmp, path)
+    return run_id
 
 
 def is_first_process() -> bool:
@@ -306,6 +338,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     OmegaConf.resolve(cfg)
     resolved = OmegaConf.to_container(cfg, resolve=True)
+    if cfg.train.stage != "pretrain" and cfg.data.tokenizer.endswith(".json") and not Path(cfg.data.tokenizer).is_file():
+        raise UserError(
+            f"stage {cfg.train.stage!r} reuses the previous stage's tokenizer, but {cfg.data.tokenizer} does not "
+            f"exist: train.init_from={cfg.train.init_from} must be the previous stage's run directory, an export, "
+            f"or a checkpoint inside a run (they hold tokenizer.json)"
+        )
     try:
         layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
     except LayoutError as e:
@@ -325,7 +363,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         cfg, layout, total_steps=plan["total_steps"], fsdp=fsdp, mixed_precision=fsdp and on_gpu
     )
     if cfg.train.init_from and ckpt_path is None:
-        module.init_state_dict, _ = read_checkpoint(cfg.train.init_from)
+        module.init_state_dict, previous = read_checkpoint(cfg.train.init_from)
+        check_init_from(cfg, layout, previous)
 
     data = build_datamodule(
         cfg.data,
@@ -393,7 +432,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         )
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
-        if trainer.global_step % cfg.train.val_every_steps:  # always end on a validation loss
+        finished = trainer.global_step >= plan["total_steps"]
+        if finished and trainer.global_step % cfg.train.val_every_steps:  # end on a validation loss
             trainer.validate(module, datamodule=data, verbose=False)
     finally:
         if cfg.logger.kind == "wandb" and trainer.is_global_zero:
