@@ -370,7 +370,17 @@ def encode_example(items: list[QAItem], rng: random.Random) -> tuple[list[int], 
 
 def _source_identity(c) -> str:
     if c.qa_source == "offline":
-        return repr(("offline", corpus_identity(c), c.qa_generator, c.qa_chunk_tokens))
+        generator = c.qa_generator
+        if ":" in generator:  # a user's function: its code is part of the cache key
+            import hashlib
+            import inspect
+
+            fn = offline_generator(generator)
+            try:
+                generator += "#" + hashlib.sha1(inspect.getsource(fn).encode()).hexdigest()[:12]
+            except (OSError, TypeError):  # no source available (builtins, C extensions)
+                pass
+        return repr(("offline", corpus_identity(c), generator, c.qa_chunk_tokens))
     if c.qa_source == "jsonl":
         files = sorted(glob.glob(os.path.expanduser(c.qa_path or ""))) or [c.qa_path]
         stats = [(str(Path(f).resolve()), os.path.getsize(f), os.stat(f).st_mtime_ns) for f in files if f and os.path.isfile(f)]
