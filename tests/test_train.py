@@ -199,6 +199,8 @@ def test_wandb_offline_run_holds_the_metrics(shared_cache, tmp_path):
         (["trainer.activation_checkpointing=most"], r"trainer\.activation_checkpointing='most' is not known"),
         (["model.n_kv_heads=3"], r"model\.n_heads=4 must be a multiple of model\.n_kv_heads=3"),
         (["model.attn_impl=fast"], r"model\.attn_impl='fast' is not known"),
+        (["data.kind=longqa", "data.qa_generator=mystery"], r"data\.qa_generator='mystery' is not known"),
+        (["data.kind=longqa", "data.qa_source=jsonl"], r"data\.qa_source=jsonl needs data\.qa_path"),
     ],
 )
 def test_bad_input_gets_a_clear_error(shared_cache, tmp_path, extra, message):

@@ -431,7 +431,8 @@ def _cwe(task="cwe", num_cw: int = 10):
         out = []
         for i in range(n_samples):
             rng = random.Random(f"{task}-{seed}-{length}-{i}")
-            vocab = unique_words(rng, num_cw + 4096, lambda r: pseudo_word(r, r.choice((2, 3))))
+            # enough uncommon words to fill any length (each costs several tokens, x freq_ucw)
+            vocab = unique_words(rng, num_cw + max(4096, length // 8), lambda r: pseudo_word(r, r.choice((2, 3))))
             common, uncommon = vocab[:num_cw], vocab[num_cw:]
             shuffle_seed = rng.random()
 

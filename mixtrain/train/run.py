@@ -76,6 +76,16 @@ def check_config(cfg: DictConfig) -> None:
         _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
         if not 1 <= m.moe.top_k <= m.moe.n_experts:
             raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
+    if cfg.data.kind == "longqa":
+        from mixtrain.data.longqa import SOURCES, offline_generator
+
+        _choice("data.qa_source", cfg.data.qa_source, SOURCES)
+        if cfg.data.qa_source == "offline":
+            offline_generator(cfg.data.qa_generator)  # unknown names and imports fail here, named
+        if cfg.data.qa_source == "jsonl" and not cfg.data.qa_path:
+            raise UserError("data.qa_source=jsonl needs data.qa_path=<file.jsonl or glob>")
+        if cfg.data.qa_chunk_tokens < 1:
+            raise UserError(f"data.qa_chunk_tokens={cfg.data.qa_chunk_tokens} must be at least 1")
     for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps"):
         if cfg.train[key] < 1:
             raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
