@@ -15,6 +15,7 @@ import torch
 
 from mixtrain import accounting
 from mixtrain.config import compose
+from mixtrain.errors import UserError
 from mixtrain.layouts import build_layout
 from mixtrain.model import Transformer
 
@@ -77,11 +78,15 @@ def test_every_other_recipe_composes(group, tmp_path):
 
     from mixtrain.train.run import check_config, plan_steps
 
+    needs = {"longqa_jsonl": ["data.qa_path=qa.jsonl"]}  # recipes that ask the user for a value
     for name in names(group):
-        cfg = compose([f"{group}={name}", f"run.root={tmp_path}"])
+        cfg = compose([f"{group}={name}", f"run.root={tmp_path}", *needs.get(name, [])])
         OmegaConf.resolve(cfg)  # every interpolation resolves
         check_config(cfg)  # every choice is one the code knows
         plan_steps(cfg, 1)  # the token budgets split into whole steps
+    if group == "data":
+        with pytest.raises(UserError, match="data.qa_path"):
+            check_config(compose(["data=longqa_jsonl"]))
 
 
 def test_quickstart_recipe_is_a_tiny_ma_offset_run():
