@@ -276,3 +276,35 @@ def test_train_loss_is_the_mean_over_the_micro_batches_of_a_step():
         ces = [float(lm_loss(module.model(b["input_ids"]), b["labels"])[1]["ce"]) for b in batches]
     assert ces[0] != ces[1]
     assert logged["train/loss"] == pytest.approx(sum(ces) / 2, rel=1e-6)
+
+
+def test_validation_loss_is_weighted_by_supervised_tokens():
+    """Batches supervising different numbers of tokens (the long-QA stage) count by tokens."""
+    from types import SimpleNamespace
+
+    import torch.nn.functional as F
+
+    from mixtrain.layouts import build_layout
+    from mixtrain.train.module import LMModule
+
+    cfg = compose(["model=tiny", "layout=ma_offset"])
+    module = LMModule(cfg, build_layout(cfg.layout, 6, 32), total_steps=10)
+    module.configure_model()
+    module._trainer = SimpleNamespace(strategy=SimpleNamespace(reduce=lambda t, reduce_op: t))
+    logged = {}
+    module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    g = torch.Generator().manual_seed(1)
+    batches = []
+    for n_supervised in (2, 30):
+        labels = torch.randint(0, 512, (2, 16), generator=g)
+        labels.view(-1)[n_supervised:] = -100
+        batches.append({"input_ids": torch.randint(0, 512, (2, 16), generator=g), "labels": labels})
+    module.on_validation_epoch_start()
+    for i, b in enumerate(batches):
+        module.validation_step(b, i)
+    module.on_validation_epoch_end()
+    with torch.no_grad():
+        logits = torch.cat([module.model(b["input_ids"]).logits for b in batches]).flatten(0, 1)
+        labels = torch.cat([b["labels"] for b in batches]).flatten()
+        expected = F.cross_entropy(logits, labels, ignore_index=-100)  # over all 32 supervised tokens
+    assert logged["val/loss"] == pytest.approx(float(expected), rel=1e-5)

@@ -51,11 +51,14 @@ def freeze_all_but_attention(model: torch.nn.Module) -> int:
 def lm_loss(out, labels: torch.Tensor, moe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy (labels of -100 are ignored: padding, or the non-answer
     tokens of the long-QA stage) plus the weighted MoE load-balancing and z-losses.
-    Returns the loss to minimise and detached metrics (``ce``, ``lb_loss``, ``z_loss``,
-    ``expert_counts``)."""
+    Returns the loss to minimise and detached metrics (``ce``, ``ce_sum``, ``tokens``,
+    ``lb_loss``, ``z_loss``, ``expert_counts``)."""
     logits = out.logits.float()
     ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
-    metrics = {"ce": ce.detach()}
+    tokens = (labels != -100).sum()
+    # ce_sum / tokens add up across micro-batches and ranks to a token-weighted mean
+    # (the long-QA stage supervises a varying number of answer tokens per batch).
+    metrics = {"ce": ce.detach(), "ce_sum": ce.detach() * tokens, "tokens": tokens}
     loss = ce
     if moe is not None:
         lb, z = out.aux["lb_loss"], out.aux["z_loss"]
@@ -140,7 +143,8 @@ class LMModule(L.LightningModule):
         n, sums = self._step_micro, self._step_sums
         if not n:
             return
-        self.log("train/loss", sums["ce"] / n, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
+        self.log("train/loss", sums["ce_sum"] / sums["tokens"].clamp_min(1), prog_bar=True, on_step=True,
+                 on_epoch=False, sync_dist=True)
         if "lb_loss" in sums:
             self.log("train/lb_loss", sums["lb_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
             self.log("train/z_loss", sums["z_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
@@ -151,9 +155,17 @@ class LMModule(L.LightningModule):
             self.log("moe/min_expert_load", load.min(), on_step=True, on_epoch=False)
         self._step_sums, self._step_micro = {}, 0
 
+    def on_validation_epoch_start(self) -> None:
+        self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [ce_sum, tokens]
+
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
         _, metrics = self._loss(batch)
-        self.log("val/loss", metrics["ce"], prog_bar=True, on_step=False, on_epoch=True, sync_dist=True)
+        self._val_sums += torch.stack([metrics["ce_sum"].double(), metrics["tokens"].double()])
+
+    def on_validation_epoch_end(self) -> None:
+        # Token-weighted over every batch of every rank.
+        total = self.trainer.strategy.reduce(self._val_sums, reduce_op="sum")
+        self.log("val/loss", (total[0] / total[1].clamp_min(1)).float(), prog_bar=True, sync_dist=False)
 
     def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
         # The data position is part of the checkpoint: count this micro-batch as consumed.
