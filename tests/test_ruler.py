@@ -188,3 +188,28 @@ def test_evaluate_writes_what_compare_reads(tmp_path, tok_and_docs, monkeypatch)
     assert len(rows) == 2 * 2 * 2 and {r["score"] for r in rows} == {0.0, 1.0}
     table = lines[-1]
     assert "niah_single_1" in table and "1K" in table and "average" in table
+
+
+def test_loss_by_position_prefers_real_long_documents(tmp_path):
+    """One held-out document long enough, the rest short: the one real document is used
+    (a stream of unrelated documents cannot show use of long context); only without any
+    long document does it fall back to the concatenated stream."""
+    import warnings
+    from types import SimpleNamespace
+
+    from mixtrain.config import DataConfig
+    from mixtrain.eval.perplexity import held_out_sequences
+
+    (tmp_path / "long.txt").write_text("abcdefghij" * 30)
+    for i in range(5):
+        (tmp_path / f"short{i}.txt").write_text(f"short document {i}")
+    tok = SimpleNamespace(eos_id=0, encode_batch=lambda texts: [[1 + ord(ch) % 90 for ch in t] for t in texts])
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], val_fraction=0.0, cache_dir=str(tmp_path / "c"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        seqs, source, n = held_out_sequences(cfg, tok, length=200, max_sequences=4)
+    assert (source, n, tuple(seqs.shape)) == ("documents", 1, (1, 201))
+    assert seqs[0].tolist() == [1 + ord(ch) % 90 for ch in ("abcdefghij" * 30)[:201]]
+    assert any("only 1 held-out documents" in str(w.message) for w in caught)
+    _, source, _ = held_out_sequences(cfg, tok, length=320, max_sequences=4)  # longer than any document
+    assert source == "concatenated"

@@ -89,7 +89,14 @@ def held_out_sequences(data_cfg: Any, tokenizer, length: int, max_sequences: int
     for s in range(0, len(texts), 256):
         ids += tokenizer.encode_batch(list(texts[s : s + 256]))
     long_docs = [x[:need] for x in sorted(ids, key=len, reverse=True) if len(x) >= need][:max_sequences]
-    if len(long_docs) >= max_sequences or (long_docs and len(long_docs) >= len(ids)):
+    if long_docs:
+        # Real long documents answer "is context beyond the window used?"; a stream of
+        # unrelated documents does not, so it is only the fallback when there are none.
+        if len(long_docs) < max_sequences:
+            import warnings
+
+            warnings.warn(f"only {len(long_docs)} held-out documents have {need} tokens or more; "
+                          f"loss by position uses those (asked for {max_sequences})")
         return torch.tensor(long_docs, dtype=torch.long), "documents", len(long_docs)
     stream = [t for x in ids for t in x + [tokenizer.eos_id]]
     pieces = [stream[i : i + need] for i in range(0, len(stream) - need + 1, need)][:max_sequences]
