@@ -10,12 +10,11 @@ import json
 from pathlib import Path
 
 import pytest
-
-from mixtrain.errors import UserError
 import torch
 from omegaconf import OmegaConf
 
 from mixtrain.config import compose
+from mixtrain.errors import UserError
 from mixtrain.layouts import build_layout
 from mixtrain.model.attention import rope_tables
 from mixtrain.train.checkpoint import latest_checkpoint
@@ -188,3 +187,26 @@ def test_tiny_chain_end_to_end(shared_cache, tmp_path, monkeypatch):
     assert ppl["val"]["ppl"] > 1 and (out / "position_loss.png").is_file()
     # A length beyond the model's context is refused with the reason.
     assert mixtrain_main(["eval", "--model", str(s3), "--tasks", "vt", "--lengths", "1024"]) == 2
+
+
+def test_eval_results_join_the_training_runs_wandb_run(shared_cache, tmp_path):
+    """`mixtrain eval --wandb` resumes the run's own W&B run (id in <run>/wandb_id) and logs
+    RULER scores and the perplexity figures there."""
+    pytest.importorskip("wandb")
+    from mixtrain.cli import main
+    from mixtrain.report import wandb_records, wandb_run_files
+
+    train(compose(["experiment=tiny_chain", "trainer.progress_bar=false", f"data.cache_dir={shared_cache}",
+                   "data.embedded_max_chars=300000", "train.max_tokens=8192", "logger=wandb",
+                   "logger.mode=offline", "model.max_seq_len=512", f"run.root={tmp_path}", "run.name=wb"]))
+    run_id = (tmp_path / "wb" / "wandb_id").read_text().strip()
+    rc = main(["eval", "--model", str(tmp_path / "wb"), "--tasks", "niah_single_1", "--lengths", "512",
+               "--samples", "1", "--perplexity", "--ppl-length", "128", "--ppl-sequences", "1", "--wandb"])
+    assert rc == 0
+    files = wandb_run_files(tmp_path / "wb")
+    assert len(files) == 2 and all(run_id in str(f) for f in files)  # training, then eval: one W&B run
+    keys = set()
+    for rec in wandb_records(files[-1]):
+        if rec.WhichOneof("record_type") == "history":
+            keys.update(item.key or "/".join(item.nested_key) for item in rec.history.item)
+    assert {"ruler/average", "eval/val_loss", "eval/position_loss/first_minus_last"} <= keys

@@ -138,17 +138,53 @@ def run(args) -> int:
         "sliding_window": int(cfg.model.sliding_window),
     }
     print(f"evaluating {src} ({names['layout']}, {names['model_name']}) on {device}; results in {out_dir}")
-    if tasks:
-        needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
-        docs = haystack_documents(cfg, args.haystack) if needs_docs else None
-        ruler.evaluate(model, tok, tasks, lengths, args.samples, out_dir, seed=args.seed, haystack_docs=docs,
-                       batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, names=names,
-                       wandb_log=True if args.wandb else None)
-    if args.perplexity:
-        perplexity.evaluate(model, cfg, tok, out_dir, length=args.ppl_length, sequences=args.ppl_sequences,
-                            names=names)
+    wandb_run = open_training_wandb_run(src, cfg, out_dir) if args.wandb else None
+    try:
+        if tasks:
+            needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
+            docs = haystack_documents(cfg, args.haystack) if needs_docs else None
+            ruler.evaluate(model, tok, tasks, lengths, args.samples, out_dir, seed=args.seed, haystack_docs=docs,
+                           batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, names=names,
+                           wandb_log=True if args.wandb else None)
+        if args.perplexity:
+            result = perplexity.evaluate(model, cfg, tok, out_dir, length=args.ppl_length,
+                                         sequences=args.ppl_sequences, names=names)
+            if wandb_run is not None:
+                import wandb
+
+                pos = result["position"]
+                data = {f"eval/position_loss/{a}-{b}": v for a, b, v in zip(pos["bucket_edges"][:-1], pos["bucket_edges"][1:], pos["loss"])}
+                data.update({f"eval/val_{k}": v for k, v in result["val"].items() if isinstance(v, (int, float))})
+                data["eval/position_loss/first_minus_last"] = pos["first_minus_last"]
+                if (out_dir / "position_loss.png").is_file():
+                    data["eval/position_loss_plot"] = wandb.Image(str(out_dir / "position_loss.png"))
+                wandb.log(data)
+    finally:
+        if wandb_run is not None:
+            wandb_run.finish()
     print(f"wrote {out_dir}")
     return 0
+
+
+def open_training_wandb_run(src: Path, cfg, out_dir: Path):
+    """The training run's own W&B run (its id is kept in ``<run dir>/wandb_id``), so
+    evaluation results sit next to its loss curves; a new run when there is none.
+    Offline unless an API key is configured."""
+    import os
+
+    import wandb
+
+    from mixtrain.train.run import _wandb_key_configured
+
+    run_dir = _run_dir(src)
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    logger = cfg.get("logger") or {}
+    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    return wandb.init(project=logger.get("project", "mixtrain"), entity=logger.get("entity"), id=run_id,
+                      resume="allow" if run_id else None, mode=mode,
+                      dir=str(run_dir if run_id else out_dir), job_type="eval" if not run_id else None)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
