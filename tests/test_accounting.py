@@ -7,7 +7,6 @@ against the parameters of the real model built on the meta device).
 from __future__ import annotations
 
 import json
-import math
 
 import pytest
 

@@ -272,7 +272,7 @@ def test_sliding_window_covering_the_sequence_takes_the_causal_kernel():
 
 def test_causal_fast_path_equals_the_explicit_global_mask():
     from mixtrain.model.attention import sdpa_attention
-    from mixtrain.model.masks import AttentionMask, build_masks
+    from mixtrain.model.masks import build_masks
 
     torch.manual_seed(0)
     q, k, v = torch.randn(2, 4, 20, 8), torch.randn(2, 2, 20, 8), torch.randn(2, 2, 20, 8)
