@@ -417,3 +417,32 @@ def test_streaming_source_is_packed_from_max_documents(tmp_path, monkeypatch):
         prepare(DataConfig(**base, tokenizer=str(train_bpe(texts, 300).save(tmp_path / "t.json"))), 16, 512)
     p = prepare(DataConfig(**base, max_documents=10), 16, 512)
     assert p.meta["documents"] == 10 and p.meta["splits"]["val"]["documents"] == 2
+
+
+def test_a_damaged_packed_cache_is_rebuilt(tmp_path):
+    """A truncated cache file (disk error, interrupted copy) is detected and rebuilt
+    from the corpus, with the same content, instead of failing inside a memmap."""
+    import glob
+    import os
+    import warnings
+
+    import numpy as np
+
+    from mixtrain.config import DataConfig
+    from mixtrain.data.pretrain import PackedDataset, prepare
+
+    for name, text in (("a", "hello world, this is a document. "), ("b", "another text with words. ")):
+        (tmp_path / f"{name}.txt").write_text(text * 300)
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], cache_dir=str(tmp_path / "cache"),
+                     val_fraction=0.5)
+    first = prepare(cfg, 64, 512)
+    good = np.load(first.dir / "train.tokens.npy").copy()
+    path = glob.glob(str(tmp_path / "cache" / "packed" / "*" / "train.tokens.npy"))[0]
+    with open(path, "r+b") as f:
+        f.truncate(os.path.getsize(path) // 2)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        again = prepare(cfg, 64, 512)
+    assert any("is damaged" in str(w.message) for w in caught)
+    assert np.array_equal(np.load(again.dir / "train.tokens.npy"), good)
+    assert len(PackedDataset(again.dir, "train", 64)) == first.meta["splits"]["train"]["sequences"]

@@ -233,12 +233,33 @@ def prepare(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = None) -> P
         docs = load_documents(c)
     tok = get_tokenizer(c, model_vocab_size, documents=docs)
     out = packed_dir(c, tok, seq_len)
-    if (out / "meta.json").is_file():
-        meta = json.loads((out / "meta.json").read_text())
-    else:
+    meta = _intact_cache_meta(out, seq_len)
+    if meta is None:
         out.parent.mkdir(parents=True, exist_ok=True)
         meta = _build_packed(c, tok, seq_len, out, docs)
     return Prepared(out, meta, tok)
+
+
+def _intact_cache_meta(out: Path, seq_len: int) -> Optional[dict]:
+    """The meta of a complete packed cache, or None when there is none. A damaged one
+    (a truncated or unreadable array, a torn meta.json: a disk error, a copy cut short)
+    is removed, so the caller rebuilds it from the corpus: it is only a cache."""
+    if not (out / "meta.json").is_file():
+        return None
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+        for split, info in meta["splits"].items():
+            n = info["sequences"] * seq_len + 1 if info["sequences"] else 0
+            for kind in ("tokens", "docs"):
+                if len(np.load(out / f"{split}.{kind}.npy", mmap_mode="r")) != n:
+                    raise ValueError(f"{split}.{kind}.npy does not hold {n} entries")
+        return meta
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        import warnings
+
+        warnings.warn(f"the packed data cache {out} is damaged ({e}); rebuilding it")
+        shutil.rmtree(out, ignore_errors=True)
+        return None
 
 
 def _trained_tokenizer_cached(c, model_vocab_size) -> bool:
