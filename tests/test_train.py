@@ -120,6 +120,8 @@ def test_crash_mid_save_leaves_last_good_checkpoint(shared_cache, tmp_path, monk
     bad = tmp_path / "crash" / "checkpoints" / "step-00000009.ckpt"
     bad.write_bytes(b"PK\x03\x04 truncated")
     assert latest_checkpoint(tmp_path / "crash") == ckpts[0][1]
+    with pytest.raises(UserError, match="is not a complete checkpoint"):
+        run(shared_cache, tmp_path, "crash", f"run.resume={bad}")
 
     monkeypatch.setattr(L.Trainer, "save_checkpoint", real_save)
     bad.unlink()

@@ -155,6 +155,13 @@ def resume_path(cfg: DictConfig, run_dir: Path) -> Optional[str]:
         return str(ckpt) if ckpt else None
     if not Path(resume).exists():
         raise UserError(f"run.resume={resume!r}: no such checkpoint; give a path, 'auto' or null")
+    from mixtrain.train.checkpoint import is_loadable
+
+    if not is_loadable(Path(resume)):
+        raise UserError(
+            f"run.resume={resume!r} is not a complete checkpoint (damaged or cut short); "
+            f"use run.resume=auto to take the newest complete one"
+        )
     return str(resume)
 
 
