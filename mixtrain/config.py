@@ -144,6 +144,9 @@ class DataConfig:
     qa_context_field: str = "context"
     qa_question_field: str = "question"
     qa_answer_field: str = "answer"
+    # Records with the same value here are one document (e.g. "title" for SQuAD, whose
+    # paragraphs of one article must not share an example); null: each distinct context.
+    qa_document_field: Optional[str] = None
     # Build at most this many training examples (null: until the chunks run out).
     qa_max_examples: Optional[int] = None
 

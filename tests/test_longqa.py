@@ -245,3 +245,22 @@ def test_leftover_chunks_of_one_long_document_are_not_examples_of_their_own():
     docs = [{items[i].doc for i in e} for e in examples]
     assert all(len(d) >= 2 for d in docs)  # every example mixes documents
     assert sum(len(e) for e in examples) >= 80  # the short documents are all used
+
+
+def test_plugin_records_of_one_document_never_share_an_example(tmp_path, corpus):
+    """SQuAD-style data: several paragraphs of one article (data.qa_document_field=title)
+    are one document, so they never meet in an example."""
+    _, tok_path = corpus
+    rows = [{"title": f"article {i // 4}", "ctx": f"Paragraph {i} says the {WORDS[i % len(WORDS)]} is blue.",
+             "q": f"What does paragraph {i} describe?", "a": WORDS[i % len(WORDS)]} for i in range(32)]
+    qa_file = tmp_path / "qa.jsonl"
+    qa_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    cfg = qa_cfg(tmp_path, tok_path, qa_source="jsonl", qa_path=str(qa_file), qa_context_field="ctx",
+                 qa_question_field="q", qa_answer_field="a", qa_document_field="title", val_fraction=0.0)
+    prepared = prepare_longqa(cfg, seq_len=256, model_vocab_size=512)
+    title_of = {r["q"]: r["title"] for r in rows}
+    records = LongQADataset(prepared.dir, "train", 256).qa()
+    assert records
+    for r in records:
+        titles = [title_of[q["question"]] for q in r["qa"]]
+        assert len(set(titles)) == len(titles) >= 2

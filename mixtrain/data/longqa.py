@@ -255,7 +255,8 @@ def _qa_records(c) -> list[dict]:
 
 def plugin_pairs(c) -> list[tuple[int, str, str, str]]:
     records = _qa_records(c)
-    fields = (c.qa_context_field, c.qa_question_field, c.qa_answer_field)
+    fields = (c.qa_context_field, c.qa_question_field, c.qa_answer_field) + (
+        (c.qa_document_field,) if c.qa_document_field else ())
     doc_of: dict[str, int] = {}
     pairs = []
     for n, r in enumerate(records):
@@ -263,12 +264,13 @@ def plugin_pairs(c) -> list[tuple[int, str, str, str]]:
         if missing:
             raise LongQAError(
                 f"QA record {n} has no field(s) {missing} (it has {sorted(r)}); set "
-                f"data.qa_context_field / data.qa_question_field / data.qa_answer_field"
+                f"data.qa_context_field / data.qa_question_field / data.qa_answer_field / data.qa_document_field"
             )
         context, question, answer = str(r[fields[0]]), str(r[fields[1]]).strip(), _answer_text(r[fields[2]])
         if not context.strip() or not question or not answer:
             continue
-        doc = doc_of.setdefault(context, len(doc_of))
+        doc_key = str(r[c.qa_document_field]) if c.qa_document_field else context
+        doc = doc_of.setdefault(doc_key, len(doc_of))
         pairs.append((doc, context, question, answer))
     if not pairs:
         raise LongQAError(f"data.qa_source={c.qa_source}: no usable (context, question, answer) records")
@@ -392,7 +394,7 @@ def longqa_dir(cfg: Any, tok: Tok, seq_len: int) -> Path:
     c = as_data_config(cfg)
     key = short_hash(
         _source_identity(c), tok.fingerprint(), seq_len, c.val_fraction, c.seed, c.qa_max_examples,
-        (c.qa_context_field, c.qa_question_field, c.qa_answer_field), LONGQA_FORMAT,
+        (c.qa_context_field, c.qa_question_field, c.qa_answer_field, c.qa_document_field), LONGQA_FORMAT,
     )
     return cache_root(c) / "longqa" / key
 
