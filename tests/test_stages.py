@@ -119,7 +119,8 @@ def test_tiny_chain_end_to_end(shared_cache, tmp_path, monkeypatch):
     spy = Spy(monkeypatch)
 
     # Stage 1: pretrain at 128 tokens, RoPE theta 5e5 (4 optimizer steps).
-    r1 = train(compose(common(shared_cache, tmp_path, "s1") + ["train.max_tokens=8192"]))
+    # (A 400-token vocabulary: a later stage that trained its own tokenizer would get 512.)
+    r1 = train(compose(common(shared_cache, tmp_path, "s1") + ["train.max_tokens=8192", "data.vocab_size=400"]))
     s1 = Path(r1["run_dir"])
     assert r1["steps"] == 4 and spy.theta == 5e5 and (s1 / "tokenizer.json").is_file()
     w1 = final_weights(s1)
@@ -171,6 +172,9 @@ def test_tiny_chain_end_to_end(shared_cache, tmp_path, monkeypatch):
             assert tok.decode(labels[labels != -100].tolist()) == "".join(f" {a}<|endoftext|>" for a in answers)
     w3 = final_weights(s3)
     assert all(torch.equal(w3[k], w2[k]) for k in frozen)
+    # Stages 2 and 3 read stage 1's tokenizer: same vocabulary, same merges.
+    assert tok.vocab_size == 400
+    assert (s2 / "tokenizer.json").read_text() == (s3 / "tokenizer.json").read_text() == (s1 / "tokenizer.json").read_text()
 
     # Evaluate the result: 2 tasks x 1 length x 2 samples, and loss by position.
     rc = mixtrain_main(["eval", "--model", str(s3), "--tasks", "niah_single_1,vt", "--lengths", "512",
