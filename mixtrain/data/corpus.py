@@ -33,6 +33,7 @@ from typing import Any, Iterator
 
 from mixtrain.config import DataConfig
 from mixtrain.errors import UserError
+from mixtrain.files import atomic_write_text  # noqa: F401 (re-exported for the data modules)
 
 EMBEDDED_FORMAT = 1  # bump when the extraction below changes
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -84,18 +85,6 @@ def short_hash(*parts: Any, n: int = 16) -> str:
         h.update(repr(p).encode())
         h.update(b"\0")
     return h.hexdigest()[:n]
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (readers never
-    see a half-written file; concurrent writers of the same content are harmless)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 # --------------------------------------------------------------------------- embedded corpus

@@ -22,7 +22,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from mixtrain.data.corpus import DataError, as_data_config, atomic_write_text, cache_root, corpus_identity, short_hash
+from mixtrain.data.corpus import DataError, as_data_config, cache_root, corpus_identity, short_hash
+from mixtrain.files import atomic_write_text
 
 EOS_TOKEN = "<|endoftext|>"
 PAD_TOKEN = "<|pad|>"

@@ -160,7 +160,7 @@ def evaluate(model, cfg: Any, tokenizer, out_dir: Optional[str | Path] = None, *
     }
     log(format_table(result))
     if out_dir is not None:
-        from mixtrain.data.corpus import atomic_write_text
+        from mixtrain.files import atomic_write_text
 
         out = Path(out_dir)
         out.mkdir(parents=True, exist_ok=True)

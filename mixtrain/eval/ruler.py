@@ -732,7 +732,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = "all", lengths: Sequ
 
 
 def _atomic_json(path: Path, obj: Any) -> None:
-    from mixtrain.data.corpus import atomic_write_text
+    from mixtrain.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2))
 

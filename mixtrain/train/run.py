@@ -13,10 +13,13 @@ from pathlib import Path
 from typing import Any, Optional
 
 import torch
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
 from omegaconf import DictConfig, OmegaConf
 
 from mixtrain import accounting
 from mixtrain.errors import UserError
+from mixtrain.files import atomic_write_text
 from mixtrain.layouts import LayoutError, build_layout, diagram
 
 
@@ -99,7 +102,7 @@ def world_size_of(cfg: DictConfig) -> int:
     if devices in ("auto", -1, "-1"):
         gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
         devices = torch.cuda.device_count() if gpu else 1
-    if isinstance(devices, (list, tuple)) or hasattr(devices, "__len__") and not isinstance(devices, str):
+    if not isinstance(devices, (int, str)):  # a list of device indices
         devices = len(devices)
     return int(devices) * int(cfg.trainer.num_nodes)
 
@@ -202,33 +205,25 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], resume
     raise UserError(f"logger.kind={kind!r} is not known; use wandb, csv or none")
 
 
-def _appending_csv_logger_class():
-    from lightning.pytorch.loggers import CSVLogger
-    from lightning.pytorch.loggers.csv_logs import ExperimentWriter
-
-    class _AppendingWriter(ExperimentWriter):
-        def _check_log_dir_exists(self) -> None:
-            # Lightning deletes an existing metrics.csv here; a resumed run appends to it.
-            if self._fs.isfile(self.metrics_file_path):
-                with self._fs.open(self.metrics_file_path, "r", newline="") as f:
-                    header = f.readline().strip()
-                self.metrics_keys = sorted(k for k in header.split(",") if k)
-
-    class AppendingCSVLogger(CSVLogger):
-        """CSVLogger whose metrics.csv survives a resume (rows are appended)."""
-
-        @property
-        def experiment(self):
-            if self._experiment is None:
-                self._fs.makedirs(self.root_dir, exist_ok=True)
-                self._experiment = _AppendingWriter(log_dir=self.log_dir)
-            return self._experiment
-
-    return AppendingCSVLogger
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        # Lightning deletes an existing metrics.csv here; a resumed run appends to it.
+        if self._fs.isfile(self.metrics_file_path):
+            with self._fs.open(self.metrics_file_path, "r", newline="") as f:
+                header = f.readline().strip()
+            self.metrics_keys = sorted(k for k in header.split(",") if k)
 
 
-def AppendingCSVLogger(**kwargs):  # noqa: N802 - a factory that reads like the class
-    return _appending_csv_logger_class()(**kwargs)
+class AppendingCSVLogger(CSVLogger):
+    """CSVLogger whose metrics.csv survives a resume (rows are appended; the rows of an
+    abandoned attempt past the resume step are trimmed first, see trim_csv_log)."""
+
+    @property
+    def experiment(self):
+        if self._experiment is None:
+            self._fs.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
 
 
 def _wandb_key_configured() -> bool:
@@ -265,12 +260,8 @@ def write_result(run_dir: Path, result: dict[str, Any]) -> Path:
     import json
     import time
 
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / "result.json"
-    tmp = run_dir / ".result.json.tmp"
-    tmp.write_text(json.dumps({**result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
-    os.replace(tmp, path)
+    path = Path(run_dir) / "result.json"
+    atomic_write_text(path, json.dumps({**result, "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S")}, indent=2, default=str))
     return path
 
 
@@ -287,9 +278,7 @@ def _wandb_run_id(run_dir: Path, fresh: bool = False) -> str:
     key = str(run_dir.resolve()) + (f"@{time.time_ns()}" if path.exists() or (run_dir / "wandb").exists() else "")
     run_id = hashlib.sha1(key.encode()).hexdigest()[:16]
     if is_first_process():
-        tmp = run_dir / ".wandb_id.tmp"
-        tmp.write_text(run_id + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, run_id + "\n")
     return run_id
 
 
@@ -303,6 +292,7 @@ def trim_csv_log(run_dir: Path, resume_step: int) -> None:
     """Drop the rows an abandoned attempt logged at or after the step the run
     resumes from (they are about to be logged again); all rows for a fresh start."""
     import csv
+    import io
 
     path = run_dir / "csv" / "metrics.csv"
     if not path.is_file():
@@ -310,12 +300,11 @@ def trim_csv_log(run_dir: Path, resume_step: int) -> None:
     with open(path, newline="") as f:
         reader = csv.DictReader(f)
         fields, rows = reader.fieldnames or [], [r for r in reader if r.get("step") and int(r["step"]) < resume_step]
-    tmp = path.with_suffix(".csv.tmp")
-    with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=fields)
-        writer.writeheader()
-        writer.writerows(rows)
-    os.replace(tmp, path)
+    out = io.StringIO()
+    writer = csv.DictWriter(out, fieldnames=fields)
+    writer.writeheader()
+    writer.writerows(rows)
+    atomic_write_text(path, out.getvalue())
 
 
 def make_strategy(cfg: DictConfig, on_gpu: bool, world_size: int):
