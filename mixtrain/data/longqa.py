@@ -58,7 +58,7 @@ import numpy as np
 import torch
 
 from mixtrain.data.corpus import DataError, as_data_config, cache_root, corpus_identity, load_documents, short_hash
-from mixtrain.data.pretrain import ResumableSampler, commit_build, split_documents
+from mixtrain.data.pretrain import commit_build, split_documents
 from mixtrain.data.tokenizer import Tok, get_tokenizer
 
 LONGQA_FORMAT = 1
@@ -562,31 +562,17 @@ class LongQADataModule(PretrainDataModule):
     """Long-QA examples for Lightning, with the interface of :class:`PretrainDataModule`
     (same resumable sampler, loaders, state dict and progress accounting)."""
 
-    def prepare_data(self) -> None:
-        prepare_longqa(self.cfg, self.seq_len, self.vocab_size)
+    def _prepare(self):
+        return prepare_longqa(self.cfg, self.seq_len, self.vocab_size)
 
-    def setup(self, stage: Optional[str] = None) -> None:
-        if self.prepared is None:
-            self.prepared = prepare_longqa(self.cfg, self.seq_len, self.vocab_size)
-        d = self.prepared.dir
-        self.train_set = LongQADataset(d, "train", self.seq_len)
-        self.val_set = LongQADataset(d, "val", self.seq_len) if self.prepared.num_examples("val") else None
-        rank, world = self._rank_world()
-        if self.sampler is None or (self.sampler.rank, self.sampler.world_size) != (rank, world):
-            consumed = self.sampler.consumed if self.sampler is not None else 0
-            self.sampler = ResumableSampler(len(self.train_set), self.cfg.seed, rank, world, shuffle=True)
-            self.sampler.consumed = consumed
-        if self.val_set is not None and len(self.val_set) < world:
-            self.val_set = None  # too few held-out examples to shard: validate on none
-        if self._pending_state is not None:
-            self.sampler.load_state_dict(self._pending_state["sampler"])
-            self._pending_state = None
+    def _dataset(self, split: str):
+        return LongQADataset(self.prepared.dir, split, self.seq_len)
 
-    @property
-    def tokenizer(self) -> Tok:
-        if self.prepared is None:
-            self.prepared = prepare_longqa(self.cfg, self.seq_len, self.vocab_size)
-        return self.prepared.tokenizer
+    def _has_split(self, split: str) -> bool:
+        return bool(self.prepared.num_examples(split))
+
+    def _too_few_val(self, world: int):
+        return None  # too few held-out examples to shard: validate on none
 
 
 __all__ = [

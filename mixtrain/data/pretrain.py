@@ -442,9 +442,24 @@ class PretrainDataModule(_Base):
         self.sampler: Optional[ResumableSampler] = None
         self._pending_state: Optional[dict] = None
 
-    # ---- build / load
+    # ---- build / load (the long-QA module overrides these four)
+    def _prepare(self):
+        return prepare(self.cfg, self.seq_len, self.vocab_size)  # cached after the first build
+
+    def _dataset(self, split: str):
+        return PackedDataset(self.prepared.dir, split, self.seq_len)
+
+    def _has_split(self, split: str) -> bool:
+        return bool(self.prepared.num_sequences(split))
+
+    def _too_few_val(self, world: int):
+        raise DataError(
+            f"{len(self.val_set)} validation sequences cannot give each of {world} ranks one: raise "
+            f"data.val_fraction, add data, lower seq_len={self.seq_len}, or set data.val_fraction=0"
+        )
+
     def prepare_data(self) -> None:
-        prepare(self.cfg, self.seq_len, self.vocab_size)
+        self._prepare()
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
@@ -454,20 +469,16 @@ class PretrainDataModule(_Base):
 
     def setup(self, stage: Optional[str] = None) -> None:
         if self.prepared is None:
-            self.prepared = prepare(self.cfg, self.seq_len, self.vocab_size)  # cached: loads only
-        d = self.prepared.dir
-        self.train_set = PackedDataset(d, "train", self.seq_len)
-        self.val_set = PackedDataset(d, "val", self.seq_len) if self.prepared.num_sequences("val") else None
+            self.prepared = self._prepare()
+        self.train_set = self._dataset("train")
+        self.val_set = self._dataset("val") if self._has_split("val") else None
         rank, world = self._rank_world()
         if self.sampler is None or (self.sampler.rank, self.sampler.world_size) != (rank, world):
             consumed = self.sampler.consumed if self.sampler is not None else 0
             self.sampler = ResumableSampler(len(self.train_set), self.cfg.seed, rank, world, shuffle=True)
             self.sampler.consumed = consumed
         if self.val_set is not None and len(self.val_set) < world:
-            raise DataError(
-                f"{len(self.val_set)} validation sequences cannot give each of {world} ranks one: raise "
-                f"data.val_fraction, add data, lower seq_len={self.seq_len}, or set data.val_fraction=0"
-            )
+            self.val_set = self._too_few_val(world)
         if self._pending_state is not None:
             self.sampler.load_state_dict(self._pending_state["sampler"])
             self._pending_state = None
@@ -505,7 +516,7 @@ class PretrainDataModule(_Base):
     @property
     def tokenizer(self) -> Tok:
         if self.prepared is None:
-            self.prepared = prepare(self.cfg, self.seq_len, self.vocab_size)
+            self.prepared = self._prepare()
         return self.prepared.tokenizer
 
     @property
