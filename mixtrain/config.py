@@ -309,12 +309,9 @@ def tokenizer_of(source: Any) -> str:
     """``<run dir>/tokenizer.json`` of a run directory, an export folder or a
     checkpoint inside ``<run dir>/checkpoints/`` (later stages reuse their
     predecessor's tokenizer)."""
-    from pathlib import Path
+    from mixtrain.files import run_dir_of_path
 
-    path = Path(str(source))
-    if path.parent.name == "checkpoints":
-        path = path.parent.parent
-    return str(path / "tokenizer.json")
+    return str(run_dir_of_path(str(source)) / "tokenizer.json")
 
 
 def register_resolvers() -> None:

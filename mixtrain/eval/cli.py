@@ -15,6 +15,8 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
+from mixtrain.files import run_dir_of_path
+
 STANDARD_LENGTHS = (4096, 8192, 16384, 32768)
 
 
@@ -48,19 +50,13 @@ def register(subparsers) -> argparse.ArgumentParser:
     return p
 
 
-def _run_dir(source: Path) -> Path:
-    from mixtrain.train.export import _run_dir_of
-
-    return _run_dir_of(source)
-
-
 def find_tokenizer(source: str | Path, cfg: Any):
     """The run's tokenizer.json (next to the model, or in its run directory), else the
     tokenizer the run's data settings name."""
     from mixtrain.data.tokenizer import get_tokenizer, load_tokenizer_file
 
     src = Path(source)
-    for cand in (src / "tokenizer.json", _run_dir(src) / "tokenizer.json", src.parent / "tokenizer.json"):
+    for cand in (src / "tokenizer.json", run_dir_of_path(src) / "tokenizer.json", src.parent / "tokenizer.json"):
         if cand.is_file():
             return load_tokenizer_file(cand)
     return get_tokenizer(cfg.data, int(cfg.model.vocab_size))
@@ -126,7 +122,7 @@ def run(args) -> int:
         )
     tok = find_tokenizer(args.model, cfg)
     src = Path(args.model)
-    out_dir = Path(args.out) if args.out else (_run_dir(src) if (_run_dir(src) / "checkpoints").is_dir() else
+    out_dir = Path(args.out) if args.out else (run_dir_of_path(src) if (run_dir_of_path(src) / "checkpoints").is_dir() else
                                                 (src if src.is_dir() else src.parent)) / "eval"
     names = {
         "model": str(src),
@@ -176,7 +172,7 @@ def open_training_wandb_run(src: Path, cfg, out_dir: Path):
 
     from mixtrain.train.run import _wandb_key_configured
 
-    run_dir = _run_dir(src)
+    run_dir = run_dir_of_path(src)
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     logger = cfg.get("logger") or {}

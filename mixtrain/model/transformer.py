@@ -107,6 +107,8 @@ class Transformer(nn.Module):
         resolve_attn_impl(cfg.attn_impl, torch.device("cpu"))  # validates the name
         self.cfg, self.layout = cfg, layout
         self.prob_sources = sorted({s.attn_source for s in layout.layers if s.attn_source is not None})
+        # Masks of layers that hand their probabilities on need a dense form (explicit softmax).
+        self.dense_mask_keys = [layout.layers[i].mask_key for i in self.prob_sources]
 
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, spec, i) for i, spec in enumerate(layout.layers))
@@ -184,8 +186,7 @@ class Transformer(nn.Module):
         cos, sin = self.rope_at(positions)
 
         impl = resolve_attn_impl(self.cfg.attn_impl, device)
-        dense_keys = [self.layout.layers[i].mask_key for i in self.prob_sources]
-        masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=dense_keys)
+        masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=self.dense_mask_keys)
 
         kv_store: dict[int, tuple[Tensor, Tensor]] = {}
         probs_store: dict[int, Tensor] = {}

@@ -13,6 +13,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mixtrain.errors import UserError
+from mixtrain.files import run_dir_of_path
 
 
 def _strip_prefix(state_dict: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
@@ -80,19 +81,10 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
     os.replace(tmp, out_dir / "model.safetensors")
     OmegaConf.save(OmegaConf.create(cfg), out_dir / "config.yaml")
-    tokenizer = _run_dir_of(Path(source)) / "tokenizer.json"
+    tokenizer = run_dir_of_path(source) / "tokenizer.json"
     if tokenizer.is_file() and tokenizer.resolve() != (out_dir / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     return out_dir
-
-
-def _run_dir_of(path: Path) -> Path:
-    """The run directory a checkpoint path belongs to (itself for a run directory)."""
-    if (path / "checkpoints").is_dir():
-        return path
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path if path.is_dir() else path.parent
 
 
 def load_model(source: str | os.PathLike, device: str | torch.device = "cpu", dtype: Optional[torch.dtype] = None):

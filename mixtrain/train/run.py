@@ -380,12 +380,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     )
     tokens_per_step = int(cfg.train.global_batch_tokens)
     flops = accounting.train_flops_per_token(cfg.model, layout, cfg.train.seq_len, cfg.train.trainable)
+    counts = accounting.param_counts(cfg.model, layout)
     figures = {
         "kv_bytes_per_token_32k": accounting.kv_bytes_per_token(cfg.model, layout, 32768),
         "kv_ratio_vs_standard_32k": accounting.kv_ratio(cfg.model, layout, 32768),
         "kv_caches": layout.n_kv_caches,
-        "params_total": accounting.param_counts(cfg.model, layout).total,
-        "params_active": accounting.param_counts(cfg.model, layout).active,
+        "params_total": counts.total,
+        "params_active": counts.active,
         "train_flops_per_token": flops,
     }
     callbacks = [
