@@ -157,7 +157,9 @@ def run(args) -> int:
                 wandb.log(data)
     finally:
         if wandb_run is not None:
-            wandb_run.finish()
+            from mixtrain.train.run import finish_wandb
+
+            finish_wandb()
     print(f"wrote {out_dir}")
     return 0
 
@@ -166,20 +168,17 @@ def open_training_wandb_run(src: Path, cfg, out_dir: Path):
     """The training run's own W&B run (its id is kept in ``<run dir>/wandb_id``), so
     evaluation results sit next to its loss curves; a new run when there is none.
     Offline unless an API key is configured."""
-    import os
-
     import wandb
 
-    from mixtrain.train.run import _wandb_key_configured
+    from mixtrain.train.run import wandb_mode
 
     run_dir = run_dir_of_path(src)
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.is_file() else None
     logger = cfg.get("logger") or {}
-    mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
     out_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=logger.get("project", "mixtrain"), entity=logger.get("entity"), id=run_id,
-                      resume="allow" if run_id else None, mode=mode,
+                      resume="allow" if run_id else None, mode=wandb_mode(),
                       dir=str(run_dir if run_id else out_dir), job_type="eval" if not run_id else None)
 
 

@@ -183,7 +183,7 @@ def make_logger(cfg: DictConfig, run_dir: Path, resolved: dict[str, Any], resume
 
         mode = cfg.logger.mode
         if mode == "auto":
-            mode = os.environ.get("WANDB_MODE") or ("online" if _wandb_key_configured() else "offline")
+            mode = wandb_mode()
         group, tags, name = cfg.logger.group, list(cfg.logger.tags), cfg.run.name
         sweep = _sweep_point()
         if sweep:  # one W&B run per sweep point, grouped by the sweep, tagged by its values
@@ -226,14 +226,32 @@ class AppendingCSVLogger(CSVLogger):
         return self._experiment
 
 
-def _wandb_key_configured() -> bool:
+def wandb_mode() -> str:
+    """``WANDB_MODE`` when set; else online when an API key is configured (environment or
+    ``~/.netrc``), offline otherwise (the run syncs later with ``wandb sync``)."""
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
     if os.environ.get("WANDB_API_KEY"):
-        return True
+        return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
     try:
-        return "api.wandb.ai" in netrc.read_text()
+        return "online" if "api.wandb.ai" in netrc.read_text() else "offline"
     except OSError:
-        return False
+        return "offline"
+
+
+def finish_wandb() -> None:
+    """Finish the active W&B run and wait until its log is complete on disk.
+
+    ``wandb.finish()`` only informs the W&B service that the run is done; the service
+    writes the end of the offline log afterwards. Tearing the service down waits for
+    that, so code that reads the log next (``mixtrain compare``, a following
+    ``mixtrain eval --wandb`` in the same process) sees every record. The next
+    ``wandb.init`` starts a fresh service."""
+    import wandb
+
+    wandb.finish()
+    wandb.teardown()
 
 
 def _sweep_point() -> Optional[dict[str, Any]]:
@@ -444,9 +462,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             trainer.validate(module, datamodule=data, verbose=False)
     finally:
         if cfg.logger.kind == "wandb" and trainer.is_global_zero:
-            import wandb
-
-            wandb.finish()
+            finish_wandb()
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
     result = {
         "run_dir": str(run_dir),
