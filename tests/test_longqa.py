@@ -264,3 +264,57 @@ def test_plugin_records_of_one_document_never_share_an_example(tmp_path, corpus)
     for r in records:
         titles = [title_of[q["question"]] for q in r["qa"]]
         assert len(set(titles)) == len(titles) >= 2
+
+
+def test_step_gradient_weighs_every_answer_token_equally(corpus):
+    """Examples supervise different numbers of answer tokens. One optimizer step over two
+    examples has the gradient of the mean loss over all their answer tokens, whether
+    they come as one micro-batch of 2 or as two accumulated micro-batches of 1 (a mean
+    of per-batch means would over-weigh the example with fewer answer tokens)."""
+    import lightning as L
+
+    from mixtrain.config import compose
+    from mixtrain.layouts import build_layout
+    from mixtrain.train.module import LMModule
+
+    root, tok_path = corpus
+    data_cfg = qa_cfg(root, tok_path)
+
+    class FinalGradients(L.Callback):  # after the step (which leaves them in place)
+        def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx):
+            self.grads = {n: p.grad.clone() for n, p in module.model.named_parameters() if p.grad is not None}
+
+    def step(micro: int, accumulate: int):
+        cfg = compose(["model=tiny", "layout=ma_offset", "model.max_seq_len=512", "optim.grad_clip=0",
+                       f"train.micro_batch_size={micro}", "train.seq_len=512"])
+        module = LMModule(cfg, build_layout(cfg.layout, 6, 32), total_steps=1)
+        dm = build_datamodule(data_cfg, seq_len=512, micro_batch_size=micro, vocab_size=512)
+        grads = FinalGradients()
+        trainer = L.Trainer(max_steps=1, accumulate_grad_batches=accumulate, accelerator="cpu", devices=1,
+                            logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                            enable_model_summary=False, limit_val_batches=0, use_distributed_sampler=False,
+                            callbacks=[grads])
+        trainer.fit(module, datamodule=dm)
+        return grads.grads, dm, cfg
+
+    one_batch, dm, cfg = step(2, 1)
+    accumulated, _, _ = step(1, 2)
+
+    # Reference: plain autograd of the token-weighted mean over both examples.
+    items = [dm.train_set[int(i)] for i in dm.sampler.epoch_indices(0)[:2]]
+    counts = [int((it["labels"] != -100).sum()) for it in items]
+    assert counts[0] != counts[1], counts  # otherwise any weighting agrees
+    ref = LMModule(cfg, build_layout(cfg.layout, 6, 32), total_steps=1)
+    ref.configure_model()
+    batch = {k: torch.stack([it[k] for it in items]) for k in items[0]}
+    logits = ref.model(batch["input_ids"]).logits.float()
+    torch.nn.functional.cross_entropy(logits.flatten(0, 1), batch["labels"].flatten(), ignore_index=-100).backward()
+    expected = {n: p.grad for n, p in ref.model.named_parameters() if p.grad is not None}
+
+    assert expected.keys() == one_batch.keys() == accumulated.keys()
+    for name, g in expected.items():
+        torch.testing.assert_close(one_batch[name], g, rtol=1e-4, atol=1e-7, msg=name)
+        torch.testing.assert_close(accumulated[name], g, rtol=1e-4, atol=1e-7, msg=name)
+    # The expected count the weighting starts from is the data set's own.
+    assert dm.train_set.supervised_tokens() == sum(
+        int((dm.train_set[i]["labels"] != -100).sum()) for i in range(len(dm.train_set)))

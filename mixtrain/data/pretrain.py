@@ -461,6 +461,11 @@ class PretrainDataModule(_Base):
     def prepare_data(self) -> None:
         self._prepare()
 
+    def supervised_tokens_per_example(self) -> Optional[float]:
+        """Mean number of tokens with a loss per training example; None when that is
+        every token of every example (packed pretraining), so batches need no weighting."""
+        return None
+
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
         if trainer is not None:

@@ -48,18 +48,29 @@ def freeze_all_but_attention(model: torch.nn.Module) -> int:
     return n
 
 
-def lm_loss(out, labels: torch.Tensor, moe=None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+def lm_loss(out, labels: torch.Tensor, moe=None, tokens_ref: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Next-token cross-entropy (labels of -100 are ignored: padding, or the non-answer
     tokens of the long-QA stage) plus the weighted MoE load-balancing and z-losses.
     Returns the loss to minimise and detached metrics (``ce``, ``ce_sum``, ``tokens``,
-    ``lb_loss``, ``z_loss``, ``expert_counts``)."""
+    ``lb_loss``, ``z_loss``, ``expert_counts``).
+
+    With ``tokens_ref`` (the expected number of supervised tokens in a micro-batch) the
+    cross-entropy term is ``ce_sum / tokens_ref`` instead of the batch mean: every token
+    weighs the same whatever batch it is in, and :meth:`LMModule.on_before_optimizer_step`
+    turns the step's gradient into the exact token-weighted mean (see there)."""
     logits = out.logits.float()
-    ce = F.cross_entropy(logits.view(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)
+    flat_logits, flat_labels = logits.view(-1, logits.size(-1)), labels.reshape(-1)
     tokens = (labels != -100).sum()
+    if tokens_ref is None:
+        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
+        loss, ce_sum = ce, ce.detach() * tokens
+    else:  # a sum: a micro-batch without a supervised token adds 0, not 0/0
+        ce_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
+        ce = ce_sum.detach() / tokens.clamp_min(1)
+        loss, ce_sum = ce_sum / tokens_ref, ce_sum.detach()
     # ce_sum / tokens add up across micro-batches and ranks to a token-weighted mean
     # (the long-QA stage supervises a varying number of answer tokens per batch).
-    metrics = {"ce": ce.detach(), "ce_sum": ce.detach() * tokens, "tokens": tokens}
-    loss = ce
+    metrics = {"ce": ce.detach(), "ce_sum": ce_sum, "tokens": tokens}
     if moe is not None:
         lb, z = out.aux["lb_loss"], out.aux["z_loss"]
         loss = loss + moe.lb_loss_weight * lb + moe.z_loss_weight * z
@@ -89,6 +100,9 @@ class LMModule(L.LightningModule):
         self.init_state_dict: Optional[dict[str, torch.Tensor]] = None  # train.init_from weights
         self._step_sums: dict[str, torch.Tensor] = {}
         self._step_micro = 0
+        # Expected supervised tokens per micro-batch when batches differ in how many
+        # tokens carry a loss (the long-QA stage); None when every token does.
+        self._tokens_ref: Optional[float] = None
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -127,12 +141,17 @@ class LMModule(L.LightningModule):
         self.model = model
 
     # ------------------------------------------------------------------ loss
-    def _loss(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _loss(self, batch: dict[str, torch.Tensor], tokens_ref: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         doc_ids = batch.get("doc_ids") if self.cfg.data.intra_doc_attention else None
-        return lm_loss(self.model(batch["input_ids"], doc_ids=doc_ids), batch["labels"], self.cfg.model.moe)
+        return lm_loss(self.model(batch["input_ids"], doc_ids=doc_ids), batch["labels"], self.cfg.model.moe, tokens_ref)
+
+    def on_train_start(self) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        per_example = dm.supervised_tokens_per_example() if hasattr(dm, "supervised_tokens_per_example") else None
+        self._tokens_ref = None if per_example is None else per_example * self.cfg.train.micro_batch_size
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._loss(batch)
+        loss, metrics = self._loss(batch, self._tokens_ref)
         # Summed over the micro-batches of one optimizer step, logged once per step.
         for key, value in metrics.items():
             self._step_sums[key] = self._step_sums.get(key, 0) + value
@@ -196,14 +215,33 @@ class LMModule(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
     def on_before_optimizer_step(self, optimizer) -> None:
-        self._log_step_metrics()
         params = [p for p in self.model.parameters() if p.grad is not None]
+        if self._tokens_ref is not None and self._step_micro:
+            self._token_weight_gradients(params)
+        self._log_step_metrics()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         if hasattr(norm, "full_tensor"):  # a DTensor under FSDP2
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
+
+    def _token_weight_gradients(self, params: list[torch.nn.Parameter]) -> None:
+        """Make the step's gradient that of the mean loss over *all* its supervised tokens.
+
+        Each micro-batch's loss is ``ce_sum / tokens_ref``; Lightning divides it by the
+        accumulation count A and data parallelism averages over the W ranks, so the
+        gradient holds ``sum(grad ce_sum) / (tokens_ref * A * W)``. Multiplying by
+        ``tokens_ref * A * W / N`` (N: supervised tokens of the whole step, all ranks)
+        gives ``sum(grad ce_sum) / N``, the gradient of the token-weighted mean, however
+        the tokens fell into micro-batches (fairseq's and HF Trainer's convention). MoE
+        auxiliary losses are scaled by the same factor, ``tokens_ref * A * W / N``,
+        which is 1 on average."""
+        tokens = self._step_sums["tokens"].detach().float()
+        total = float(self.trainer.strategy.reduce(tokens, reduce_op="sum"))
+        scale = self._tokens_ref * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(total, 1.0)
+        for p in params:
+            p.grad.mul_(scale)
 
     # ----------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
