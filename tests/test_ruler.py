@@ -113,6 +113,34 @@ def test_niah_needles_depths_and_distractors(generated):
     assert all(s.prompt.endswith(" mentioned in the provided text is") for s in generated["niah_single_2"])
 
 
+def test_evidence_of_the_other_tasks_sits_at_the_sample_depths(generated):
+    """Depth = position among the haystack's units: the needle among distractor needles
+    (multikey_2/3), each gold document among the distractor documents (qa), each hop of
+    the variable chain in the noise (vt)."""
+    for task in ("niah_multikey_2", "niah_multikey_3"):
+        for s in generated[task]:
+            lines = s.prompt[s.prompt.index("\n") + 1:s.prompt.rindex("\nWhat ")].split("\n")
+            (at,) = [j for j, line in enumerate(lines) if s.references[0] in line]
+            assert at == round(s.depths[0] * (len(lines) - 1)), (task, at, len(lines), s.depths)
+    for task in ("qa_1", "qa_2"):
+        for s in generated[task]:
+            docs = re.split(r"\n\nDocument \d+:\n", s.prompt)[1:]
+            if task == "qa_1":
+                gold = [j for j, d in enumerate(docs) if f"city of {s.references[0]}." in d]
+            else:
+                who = re.search(r"company that (.+) works for\?", s.prompt).group(1)
+                company = re.search(rf"{who} works for (.+?)\.", s.prompt).group(1)
+                gold = [j for j, d in enumerate(docs) if d.startswith(f"{who} works for ")
+                        or d.startswith(f"{company} has its headquarters")]
+            h = len(docs) - len(gold)  # distractor documents
+            # Gold document k goes in at round(depth * h); the k gold documents before it shift it by k.
+            assert gold == [round(d * h) + k for k, d in enumerate(s.depths)], (task, gold, h, s.depths)
+    for s in generated["vt"]:
+        start, end = s.prompt.index("\n\n") + 2, s.prompt.rindex("\nQuestion:")
+        hops = [(s.prompt.index(f"VAR {name} =") - start) / (end - start) for name in s.references]
+        assert hops == pytest.approx(s.depths, abs=0.05)
+
+
 def test_vt_cwe_fwe_qa_structure(generated):
     for s in generated["vt"]:
         value = re.search(r"assigned the value (\d{5})", s.prompt).group(1)
