@@ -79,3 +79,48 @@ def test_ddp_two_ranks_match_one_process(shared_cache, tmp_path):
     torch.testing.assert_close(
         torch.tensor(grad_norms(tmp_path / "ddp")), torch.tensor(grad_norms(tmp_path / "single")), rtol=1e-4, atol=0
     )
+
+
+SIGNAL_RANK_1 = '''
+import os, signal, sys
+from mixtrain.train.module import LMModule
+real = LMModule.on_train_batch_start
+def start(self, batch, batch_idx):
+    real(self, batch, batch_idx)
+    if os.environ["RANK"] == "1" and batch_idx == 2:  # rank 1 only, as step 3 begins
+        os.kill(os.getpid(), signal.SIGTERM)
+LMModule.on_train_batch_start = start
+from mixtrain.cli import main
+sys.exit(main())
+'''
+
+
+def test_a_signal_to_one_rank_stops_every_rank_after_the_same_step(shared_cache, tmp_path):
+    """A preemption signal may reach the ranks at different moments, or only one of them:
+    the ranks agree at the step boundary, all stop after step 3 with one checkpoint (no
+    hang, no rank left waiting in a collective), and the resumed run ends bit-for-bit
+    where an uninterrupted one does."""
+    from mixtrain.train.checkpoint import list_checkpoints
+
+    ddp = ["trainer.strategy=ddp", "trainer.accelerator=cpu", "trainer.devices=2", "train.save_every_steps=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+
+    def launch(script, name, *extra):
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", *script,
+               "train", *base_overrides(shared_cache, tmp_path, name, *ddp, *extra)]
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
+        return proc
+
+    hook = tmp_path / "signal_rank_1.py"
+    hook.write_text(SIGNAL_RANK_1)
+    stopped = launch([str(hook)], "sig")
+    assert "stopping after step 3" in stopped.stdout + stopped.stderr
+    assert [s for s, _ in list_checkpoints(tmp_path / "sig")] == [3]
+    launch(["-m", "mixtrain"], "sig", "run.resume=auto")
+    launch(["-m", "mixtrain"], "full")
+    a = read_checkpoint(latest_checkpoint(tmp_path / "full"))[0]
+    b = read_checkpoint(latest_checkpoint(tmp_path / "sig"))[0]
+    assert latest_checkpoint(tmp_path / "sig").name == "step-00000006.ckpt"
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
