@@ -57,8 +57,6 @@ def _choice(key: str, value: Any, allowed: tuple) -> None:
 def check_config(cfg: DictConfig) -> None:
     """Settings that would otherwise fail deep inside the run (after the run
     directory is made and the data prepared), checked up front with the key named."""
-    from mixtrain.model.attention import ATTN_IMPLS
-
     _choice("train.trainable", cfg.train.trainable, ("all", "attention"))
     _choice("train.stage", cfg.train.stage, ("pretrain", "extend", "longqa"))
     _choice("trainer.strategy", cfg.trainer.strategy, ("auto", "ddp", "fsdp"))
@@ -66,19 +64,7 @@ def check_config(cfg: DictConfig) -> None:
     _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("data.kind", cfg.data.kind, ("pretrain", "longqa"))
-    m = cfg.model
-    _choice("model.attn_impl", m.attn_impl, ATTN_IMPLS)
-    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
-        if m[key] < 1:
-            raise UserError(f"model.{key}={m[key]} must be at least 1")
-    if m.n_heads % m.n_kv_heads:
-        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
-    if m.head_dim % 2:
-        raise UserError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
-    if m.moe is not None:
-        _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
-        if not 1 <= m.moe.top_k <= m.moe.n_experts:
-            raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
+    check_model_config(cfg.model)
     if cfg.data.kind == "longqa":
         from mixtrain.data.longqa import SOURCES, offline_generator
 
@@ -92,6 +78,25 @@ def check_config(cfg: DictConfig) -> None:
     for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps"):
         if cfg.train[key] < 1:
             raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+
+
+def check_model_config(m: DictConfig) -> None:
+    """The ``model`` group's values, checked with the key named (``mixtrain train`` and
+    ``mixtrain layout`` both refuse a model that cannot be built)."""
+    from mixtrain.model.attention import ATTN_IMPLS
+
+    _choice("model.attn_impl", m.attn_impl, ATTN_IMPLS)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+        if m[key] < 1:
+            raise UserError(f"model.{key}={m[key]} must be at least 1")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+    if m.head_dim % 2:
+        raise UserError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
+    if m.moe is not None:
+        _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
+        if not 1 <= m.moe.top_k <= m.moe.n_experts:
+            raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
 
 
 def world_size_of(cfg: DictConfig) -> int:
