@@ -12,6 +12,8 @@ The groups mirror the code's concepts:
 
 from __future__ import annotations
 
+import re
+
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
@@ -354,6 +356,26 @@ def _explain(e: BaseException) -> str:
     return "\n".join(parts)
 
 
+_SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def whole_numbers_in_overrides(overrides: list[str]) -> list[str]:
+    """``train.max_tokens=2e9`` means two billion tokens, but Hydra reads ``2e9`` as a
+    float, which an integer setting refuses. Values written in scientific notation
+    that are whole numbers (also in a sweep's ``a,b,c`` list) are passed as integers;
+    a float setting takes an integer as the same number."""
+    out = []
+    for o in overrides:
+        key, sep, value = o.partition("=")
+        items = value.split(",")
+        if sep and not key.startswith("hydra.") and all(_SCIENTIFIC.fullmatch(v.strip()) for v in items):
+            numbers = [float(v) for v in items]
+            if all(n.is_integer() and abs(n) < 2**63 for n in numbers):
+                o = key + "=" + ",".join(str(int(n)) for n in numbers)
+        out.append(o)
+    return out
+
+
 def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
     """Compose a recipe exactly as ``mixtrain train`` would, without running it.
 
@@ -364,7 +386,7 @@ def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
     from hydra.core.global_hydra import GlobalHydra
 
     setup_hydra()
-    overrides = list(overrides or []) + search_path_overrides()
+    overrides = whole_numbers_in_overrides(list(overrides or [])) + search_path_overrides()
     GlobalHydra.instance().clear()
     from hydra.errors import HydraException
     from omegaconf.errors import OmegaConfBaseException

@@ -310,3 +310,18 @@ def test_validation_loss_is_weighted_by_supervised_tokens():
         labels = torch.cat([b["labels"] for b in batches]).flatten()
         expected = F.cross_entropy(logits, labels, ignore_index=-100)  # over all 32 supervised tokens
     assert logged["val/loss"] == pytest.approx(float(expected), rel=1e-5)
+
+
+def test_progress_bar_counts_optimizer_steps(shared_cache, tmp_path, capsys):
+    """With 2 micro-batches per step the bar still runs 0..6 of 6 steps (Lightning's own
+    counts micro-batches against a total of steps: 12 of 6), and a resumed run's bar
+    starts at the step it resumes from."""
+    import re
+
+    run(shared_cache, tmp_path, "bar", "trainer.progress_bar=true", "train.stop_after_steps=3")
+    run(shared_cache, tmp_path, "bar", "trainer.progress_bar=true", "run.resume=auto")
+    out = capsys.readouterr()
+    err = (out.err + out.out).replace("\r", "\n")
+    counts = [(int(a), int(b)) for a, b in re.findall(r"^step:.*?\| *(\d+)/(\d+) ", err, re.M)]
+    assert counts and all(total == 6 and 0 <= n <= 6 for n, total in counts), counts
+    assert (6, 6) in counts and (3, 6) in counts  # the resumed attempt starts at step 3

@@ -180,3 +180,52 @@ class GracefulStop(L.Callback):
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
         self._previous = {}
+
+
+from lightning.pytorch.callbacks import TQDMProgressBar  # noqa: E402
+
+
+class StepProgressBar(TQDMProgressBar):
+    """A training bar that counts optimizer steps up to ``max_steps`` (from the step a
+    resumed run starts at). Lightning's own bar counts micro-batches against a total
+    of optimizer steps, which overruns its total under gradient accumulation."""
+
+    def __init__(self, refresh_rate: int = 1) -> None:
+        super().__init__(refresh_rate=refresh_rate)
+        self._shown_step = -1
+
+    @property
+    def total_train_batches(self) -> int:
+        return self.trainer.max_steps
+
+    def _start(self, trainer: L.Trainer) -> None:
+        bar = self.train_progress_bar
+        bar.reset(total=trainer.max_steps)
+        bar.initial = bar.n = self._shown_step = trainer.global_step
+        bar.set_description("step")
+
+    def on_train_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_start(trainer, *args)
+        self._start(trainer)  # a run resumed mid-epoch gets no epoch start
+
+    def on_train_epoch_start(self, trainer: L.Trainer, *args) -> None:
+        super().on_train_epoch_start(trainer, *args)
+        self._start(trainer)
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module, outputs, batch, batch_idx) -> None:
+        step = trainer.global_step
+        if step == self._shown_step or self.train_progress_bar is None:
+            return  # mid gradient accumulation
+        self._shown_step = step
+        if self._should_update(step, self.train_progress_bar.total):
+            self._show(trainer, pl_module)
+
+    def _show(self, trainer: L.Trainer, pl_module) -> None:
+        bar = self.train_progress_bar
+        if not bar.disable:
+            bar.n = trainer.global_step
+            bar.set_postfix(self.get_metrics(trainer, pl_module))  # redraws
+
+    def on_train_end(self, trainer: L.Trainer, pl_module) -> None:
+        self._show(trainer, pl_module)  # where it stopped (a signal, train.stop_after_steps)
+        super().on_train_end(trainer, pl_module)

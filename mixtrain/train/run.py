@@ -351,10 +351,16 @@ def make_strategy(cfg: DictConfig, on_gpu: bool, world_size: int):
 # -------------------------------------------------------------------- job
 def train(cfg: DictConfig) -> dict[str, Any]:
     import lightning as L
-    from lightning.pytorch.callbacks import TQDMProgressBar
 
     from mixtrain.data import build_datamodule
-    from mixtrain.train.callbacks import GracefulStop, LayoutRecord, SaveTokenizer, StopAfterSteps, ThroughputMonitor
+    from mixtrain.train.callbacks import (
+        GracefulStop,
+        LayoutRecord,
+        SaveTokenizer,
+        StepProgressBar,
+        StopAfterSteps,
+        ThroughputMonitor,
+    )
     from mixtrain.train.checkpoint import AtomicCheckpoint, checkpoint_step
     from mixtrain.train.export import read_checkpoint
     from mixtrain.train.module import LMModule
@@ -424,7 +430,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
     if cfg.trainer.progress_bar:
         # Redrawing on every batch floods a log file; a terminal gets a live bar.
-        callbacks.append(TQDMProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
+        callbacks.append(StepProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     if is_first_process():
         trim_csv_log(run_dir, resume_step or 0)
