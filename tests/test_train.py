@@ -325,3 +325,25 @@ def test_progress_bar_counts_optimizer_steps(shared_cache, tmp_path, capsys):
     counts = [(int(a), int(b)) for a, b in re.findall(r"^step:.*?\| *(\d+)/(\d+) ", err, re.M)]
     assert counts and all(total == 6 and 0 <= n <= 6 for n, total in counts), counts
     assert (6, 6) in counts and (3, 6) in counts  # the resumed attempt starts at step 3
+
+
+def test_resume_with_another_model_or_layout_is_refused(shared_cache, tmp_path):
+    run(shared_cache, tmp_path, "r", "train.max_tokens=1024")
+    before = sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir())
+    with pytest.raises(UserError, match=r"^run .*/r was trained with a different model than this command asks for: "
+                       r"layout: ma_offset there, standard here \(different layer kinds or KV sharing\)\. "
+                       r"To continue it \(step-00000002\.ckpt\) give the model and layout of .*/r/config\.yaml"):
+        run(shared_cache, tmp_path, "r", "layout=standard", "run.resume=auto", "train.max_tokens=2048")
+    with pytest.raises(UserError, match=r"model\.d_model: 64 there, 96 here"):
+        run(shared_cache, tmp_path, "r", "model.d_model=96", "run.resume=auto", "train.max_tokens=2048")
+    assert sorted(p.name for p in (tmp_path / "r" / "checkpoints").iterdir()) == before  # nothing was changed
+    run(shared_cache, tmp_path, "r", "run.resume=auto", "train.max_tokens=2048", "model.attn_impl=sdpa")  # the kernel may change
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU refusals")
+def test_gpu_only_kernels_are_refused_on_cpu_before_anything_is_made(shared_cache, tmp_path):
+    with pytest.raises(UserError, match=r"^model\.attn_impl=flex trains on CUDA only .* use model\.attn_impl=sdpa"):
+        run(shared_cache, tmp_path, "flex", "model.attn_impl=flex")
+    with pytest.raises(UserError, match=r"^no GPU is visible, and megablocks runs on CUDA only\. .*model\.moe\.impl=native"):
+        run(shared_cache, tmp_path, "mb", "model=tiny_moe", "model.moe.impl=megablocks")
+    assert not (tmp_path / "flex").exists() and not (tmp_path / "mb").exists()

@@ -28,24 +28,49 @@ from mixtrain.layouts import LayoutError, build_layout, diagram
 STAGE_MAY_CHANGE = ("name", "rope_theta", "max_seq_len", "attn_impl", "sliding_window")
 
 
-def check_init_from(cfg: DictConfig, layout, previous: Optional[dict[str, Any]]) -> None:
-    """``train.init_from`` must hold the same model (up to RoPE theta, length and
-    kernel) with the same layout structure, or its weights mean something else."""
-    if not previous or "model" not in previous:
-        return  # a bare weights file: load_state_dict still checks names and shapes
+def _model_differences(cfg: DictConfig, layout, previous: dict[str, Any], may_change: tuple[str, ...]) -> list[str]:
+    """How the model and layout of ``cfg`` differ from those of a saved config."""
     mine = OmegaConf.to_container(cfg.model, resolve=True)
     theirs = previous["model"]
     diff = [f"model.{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine
-            if k not in STAGE_MAY_CHANGE and theirs.get(k, mine[k]) != mine[k]]
+            if k not in may_change and theirs.get(k, mine[k]) != mine[k]]
     if not diff and "layout" in previous:
         prev_layout = build_layout(previous["layout"], theirs["n_layers"], theirs.get("sliding_window", 1))
         shape = lambda lay: [(l.kind, l.kv_source, l.attn_source) for l in lay.layers]  # noqa: E731
         if shape(prev_layout) != shape(layout):
             diff.append(f"layout: {prev_layout.name} there, {layout.name} here (different layer kinds or KV sharing)")
+    return diff
+
+
+def check_init_from(cfg: DictConfig, layout, previous: Optional[dict[str, Any]]) -> None:
+    """``train.init_from`` must hold the same model (up to RoPE theta, length and
+    kernel) with the same layout structure, or its weights mean something else."""
+    if not previous or "model" not in previous:
+        return  # a bare weights file: load_state_dict still checks names and shapes
+    diff = _model_differences(cfg, layout, previous, STAGE_MAY_CHANGE)
     if diff:
         raise UserError(
             f"train.init_from={cfg.train.init_from} holds a different model: " + "; ".join(diff)
             + ". Start from a run of the same model and layout"
+        )
+
+
+def check_resume(cfg: DictConfig, layout, run_dir: Path, ckpt_path: str) -> None:
+    """A run continues with the model and layout it was started with (its
+    ``config.yaml``); only the attention kernel may change."""
+    saved = run_dir / "config.yaml"
+    try:
+        previous = OmegaConf.to_container(OmegaConf.load(saved), resolve=True)
+    except Exception:  # noqa: BLE001 - no readable record: loading the checkpoint still checks shapes
+        return
+    if not isinstance(previous, dict) or "model" not in previous:
+        return
+    diff = _model_differences(cfg, layout, previous, ("attn_impl",))
+    if diff:
+        raise UserError(
+            f"run {run_dir} was trained with a different model than this command asks for: " + "; ".join(diff)
+            + f". To continue it ({Path(ckpt_path).name}) give the model and layout of {saved}; for a new model, "
+            f"start a new run (another run.name, or run.resume=never in a new directory); nothing was changed"
         )
 
 
@@ -97,6 +122,22 @@ def check_model_config(m: DictConfig) -> None:
         _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
         if not 1 <= m.moe.top_k <= m.moe.n_experts:
             raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
+
+
+def check_device_support(cfg: DictConfig, on_gpu: bool) -> None:
+    """Kernels that cannot train on the device this run gets, refused before anything
+    is made (not as a traceback from the first backward pass)."""
+    if on_gpu:
+        return
+    if cfg.model.attn_impl == "flex":
+        raise UserError(
+            "model.attn_impl=flex trains on CUDA only (FlexAttention has no backward pass on CPU); "
+            "on this machine use model.attn_impl=sdpa (the same attention; auto picks it off-GPU)"
+        )
+    if cfg.model.moe is not None and cfg.model.moe.impl == "megablocks":
+        from mixtrain.model.moe import MEGABLOCKS_HINT
+
+        raise UserError("no GPU is visible, and megablocks runs on CUDA only. " + MEGABLOCKS_HINT)
 
 
 def world_size_of(cfg: DictConfig) -> int:
@@ -385,11 +426,14 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         raise UserError(f"layout: {e}") from e
 
     on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    check_device_support(cfg, on_gpu)
     world = world_size_of(cfg)
     plan = plan_steps(cfg, world)
     run_dir = run_dir_of(cfg)
     run_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_path(cfg, run_dir)
+    if ckpt_path:
+        check_resume(cfg, layout, run_dir, ckpt_path)
 
     L.seed_everything(cfg.run.seed, workers=True, verbose=False)
     fsdp = cfg.trainer.strategy == "fsdp"
