@@ -134,6 +134,55 @@ def test_bad_inputs_name_the_problem(tmp_path):
     assert ".docx" in err(source="files", paths=[str(weird)])
 
 
+def test_a_text_field_that_is_not_a_string_names_the_file_and_record(tmp_path, monkeypatch):
+    """A record whose text is a number, list or object fails naming file, line/row, setting
+    and type (null stays an empty document and is dropped)."""
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    cache = str(tmp_path / "cache")
+    tail = "not a string; make it a string (null skips the record) or set data.text_field to the field holding the text"
+
+    def err(paths, **kw) -> str:
+        with pytest.raises(DataError) as e:
+            load_documents(DataConfig(source="files", paths=paths, cache_dir=cache, **kw))
+        return str(e.value)
+
+    good = tmp_path / "good.jsonl"
+    good.write_text(json.dumps({"text": "a document"}) + "\n" + json.dumps({"text": None}) + "\n")
+    assert load_documents(DataConfig(source="files", paths=[str(good)], cache_dir=cache))["text"] == ["a document"]
+
+    jl = tmp_path / "x.jsonl"
+    jl.write_text("\n".join(json.dumps(r) for r in ({"text": "fine"}, {"text": None})) + "\n\n" + '{"text": 5}\n')
+    # Also when read with a file of strings (datasets would store the number as the text "5").
+    assert err([str(good), str(jl)]) == (
+        f"{str(jl)!r} line 4: data.text_field='text' holds a value of type int (5), {tail}")
+    jl.write_text(json.dumps({"text": "fine"}) + "\n" + json.dumps(["fine"]) + "\n")
+    assert err([str(jl)]) == f"{str(jl)!r} line 2: records must be JSON objects with a 'text' field, got list"
+    jl.write_text("\n".join(json.dumps(r) for r in ({"body": ["a"]}, {"body": "fine"})) + "\n")
+    assert err([str(jl)], text_field="body") == (
+        f"{str(jl)!r} line 1: data.text_field='body' holds a value of type list (['a']), {tail}")
+    arr = tmp_path / "x.json"
+    arr.write_text(json.dumps([{"text": "fine"}, {"text": {"k": "v" * 80}}]))
+    assert err([str(arr)]) == (
+        f"{str(arr)!r} row 1: data.text_field='text' holds a value of type dict "
+        f"({{'k': 'vvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvvv...), {tail}")
+    pqf = tmp_path / "x.parquet"
+    pq.write_table(pa.table({"text": [None, 7]}), pqf)
+    assert err([str(pqf)]) == f"{str(pqf)!r} row 1: data.text_field='text' holds a value of type int (7), {tail}"
+
+    # The hub (and any other source): the row of the data set, streamed or not.
+    hub = datasets.Dataset.from_dict({"text": [None, 3.5]})
+    for streaming in (False, True):
+        monkeypatch.setattr(corpus, "_load_hub", lambda c: hub.to_iterable_dataset() if streaming else hub)
+        with pytest.raises(DataError) as e:
+            list(load_documents(DataConfig(source="hub", hub_name="org/set", streaming=streaming, cache_dir=cache)))
+        assert str(e.value) == (
+            f"hub data set 'org/set' (split 'train') row 1: data.text_field='text' holds a value of type float (3.5), "
+            f"{tail}")
+
+
 def test_utf8_offset_across_read_chunks(tmp_path):
     p = tmp_path / "a.txt"
     data = "é".encode() * 10 + b"\xff"  # the bad byte sits at offset 20

@@ -233,6 +233,123 @@ def test_errors_name_the_setting(tmp_path, corpus):
         prepare_longqa(qa_cfg(root, tok_path, qa_source="jsonl", cache_dir=str(tmp_path)), 256, 512)
 
 
+PLUGIN = """
+def pair(text, rng):
+    return text, "Q?"
+
+def boom(text, rng):
+    raise RuntimeError("model server down")
+
+def number(text, rng):
+    return text, "Q?", 42
+
+def words(text, rng):
+    return "just a string"
+
+def some(text, rng):  # None skips a chunk; a list of three strings is fine too
+    return None if rng.random() < 0.5 else [text, "Which?", "this one"]
+
+NOT_A_FUNCTION = 3
+"""
+
+
+def test_a_plugin_generator_that_fails_or_returns_the_wrong_thing_is_named(tmp_path, corpus, monkeypatch):
+    """data.qa_generator=module:function: a wrong return value or an exception of the
+    user's function names the setting, the chunk, what came back and the expected signature."""
+    from mixtrain.data.corpus import load_documents
+    from mixtrain.data.longqa import chunk_documents
+    from mixtrain.data.tokenizer import load_tokenizer_file
+
+    root, tok_path = corpus
+    (tmp_path / "qa_plugin_for_tests.py").write_text(PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    sig = "f(chunk_text: str, rng: random.Random) -> (context, question, answer)"
+    chunks = chunk_documents([r["text"] for r in load_documents(qa_cfg(root, tok_path, cache_dir=str(tmp_path)))],
+                             load_tokenizer_file(tok_path), 64)
+    first = chunks[0][1]
+    assert first.startswith("Document 0 begins. ") and len(first) > 60
+
+    def err(fn: str) -> LongQAError:
+        with pytest.raises(LongQAError) as e:
+            prepare_longqa(qa_cfg(root, tok_path, qa_generator=f"qa_plugin_for_tests:{fn}", cache_dir=str(tmp_path)),
+                           256, 512)
+        return e.value
+
+    tail = f"for chunk 0 (document 0); it must be {sig} returning three strings, or None to skip the chunk"
+    assert str(err("pair")) == (
+        f"data.qa_generator='qa_plugin_for_tests:pair' returned a tuple of 2 item(s) ({repr((first, 'Q?'))[:57]}...) "
+        f"{tail}")
+    assert str(err("number")) == (
+        f"data.qa_generator='qa_plugin_for_tests:number' returned a tuple whose answer is of type int (42) {tail}")
+    assert str(err("words")) == (
+        f"data.qa_generator='qa_plugin_for_tests:words' returned a value of type str ('just a string') {tail}")
+
+    e = err("boom")
+    assert str(e) == (
+        f"data.qa_generator='qa_plugin_for_tests:boom' raised RuntimeError: model server down on chunk 0 "
+        f"(document 0, {len(first)} characters: {repr(first)[:37]}...); fix the function, called as {sig}")
+    assert isinstance(e.__cause__, RuntimeError)
+
+    with pytest.raises(LongQAError) as not_fn:
+        offline_generator("qa_plugin_for_tests:NOT_A_FUNCTION")
+    assert str(not_fn.value) == (
+        f"data.qa_generator='qa_plugin_for_tests:NOT_A_FUNCTION': qa_plugin_for_tests.NOT_A_FUNCTION is a value "
+        f"of type int (3), not a function; name a function {sig}")
+
+    # None skips a chunk: only the other chunks get a pair.
+    prepared = prepare_longqa(qa_cfg(root, tok_path, qa_generator="qa_plugin_for_tests:some",
+                                     cache_dir=str(tmp_path)), 256, 512)
+    records = LongQADataset(prepared.dir, "train", 256).qa()
+    assert records and {(q["question"], q["answer"]) for r in records for q in r["qa"]} == {("Which?", "this one")}
+    assert 0.3 * len(chunks) < prepared.meta["qa_pairs"] < 0.7 * len(chunks)
+
+
+def test_qa_records_whose_fields_are_not_strings_are_named(tmp_path, corpus):
+    """data.qa_source=jsonl: a context/question that is not a string, an answer that is
+    not a string (or a list of them / SQuAD's {"text": [...]}), or a record that is not an
+    object names the file, the line and the setting; null fields skip the record."""
+    from mixtrain.data.longqa import plugin_pairs
+
+    root, tok_path = corpus
+    qa_file = tmp_path / "qa.jsonl"
+    ok = {"context": "The lamp is green.", "question": "What colour is the lamp?", "answer": "green"}
+
+    def err(bad) -> str:
+        qa_file.write_text(json.dumps(ok) + "\n\n" + json.dumps(bad) + "\n")
+        with pytest.raises(LongQAError) as e:
+            plugin_pairs(qa_cfg(root, tok_path, qa_source="jsonl", qa_path=str(qa_file)))
+        return str(e.value)
+
+    where = f"{str(qa_file)!r} line 3"
+    assert err({**ok, "context": 5}) == (
+        f"{where}: data.qa_context_field='context' holds a value of type int (5), not a string; make it a string "
+        f"(null skips the record) or set data.qa_context_field")
+    assert err({**ok, "question": ["a", "b"]}) == (
+        f"{where}: data.qa_question_field='question' holds a value of type list (['a', 'b']), not a string; make it "
+        f"a string (null skips the record) or set data.qa_question_field")
+    answer_tail = ('an answer must be a string or number, a list of them or {"text": [...]} (null skips the record); '
+                   'fix the record or set data.qa_answer_field')
+    assert err({**ok, "answer": {"start": 3}}) == (
+        f"{where}: data.qa_answer_field='answer' holds a value of type dict ({{'start': 3}}); {answer_tail}")
+    assert err({**ok, "answer": {"text": [{"a": 1}]}}) == (
+        f"{where}: data.qa_answer_field='answer' holds a value of type dict ({{'text': [{{'a': 1}}]}}); {answer_tail}")
+    from mixtrain.data.longqa import _answer_text
+
+    assert [_answer_text(v) for v in (1998, [2.5], {"text": [7]}, True)] == ["1998", "2.5", "7", None]
+    assert err(["The lamp is green.", "What colour?", "green"]) == (
+        f"{where}: a QA record must be a JSON object with the fields ['context', 'question', 'answer'], not a list "
+        f"(['The lamp is green.', 'What colour?', 'green']); fix the record")
+    assert err({"context": "c", "answer": "a"}) == (
+        f"{where}: QA record has no field(s) ['question'] (it has ['answer', 'context']); set data.qa_context_field / "
+        f"data.qa_question_field / data.qa_answer_field / data.qa_document_field")
+
+    rows = [ok, {**ok, "context": None}, {**ok, "question": None}, {**ok, "answer": None},
+            {**ok, "answer": {"text": ["green", "lime"]}}]
+    qa_file.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
+    pairs = plugin_pairs(qa_cfg(root, tok_path, qa_source="jsonl", qa_path=str(qa_file)))
+    assert pairs == [(0, ok["context"], ok["question"], "green")] * 2
+
+
 def test_leftover_chunks_of_one_long_document_are_not_examples_of_their_own():
     from mixtrain.data.longqa import QAItem, assemble
 

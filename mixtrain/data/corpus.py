@@ -249,33 +249,94 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
-def _check_json_file(path: Path, field: str) -> None:
-    """Check that a JSON/JSONL file has records with ``field``; message names present keys."""
+def _short_repr(value: Any, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _not_text(value: Any) -> bool:
+    """True for a text-field value that is neither a string nor null (null: an empty document)."""
+    return value is not None and not isinstance(value, str)
+
+
+def _text_type_error(where: str, field: str, value: Any) -> DataError:
+    return DataError(
+        f"{where}: data.text_field={field!r} holds a value of type {type(value).__name__} ({_short_repr(value)}), "
+        f"not a string; make it a string (null skips the record) or set data.text_field to the field holding the text"
+    )
+
+
+def _json_records(path: Path) -> Iterator[tuple[str, Any]]:
+    """(where, record) for every record of a JSON array file (``row <n>``, from 0) or a
+    JSONL file (``line <n>``, from 1; blank lines skipped)."""
     with open(path, encoding="utf-8") as f:
-        head = f.read(1 << 16)
-    stripped = head.lstrip()
-    if stripped.startswith("["):  # a JSON array: parse the whole file
-        with open(path, encoding="utf-8") as f:
+        head = f.read(1 << 16).lstrip()
+        f.seek(0)
+        if head.startswith("["):  # a JSON array: parse the whole file
             try:
                 records = json.load(f)
             except json.JSONDecodeError as e:
                 raise DataError(f"{str(path)!r}: invalid JSON ({e}); fix the file") from None
-        first = records[0] if records else None
-    else:
-        line = stripped.split("\n", 1)[0]
-        try:
-            first = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DataError(f"{str(path)!r}: line 1 is not valid JSON ({e}); JSONL needs one object per line") from None
-    if first is None:
+            yield from ((f"row {n}", r) for n, r in enumerate(records))
+            return
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataError(
+                    f"{str(path)!r}: line {n} is not valid JSON ({e}); JSONL needs one object per line"
+                ) from None
+            yield f"line {n}", record
+
+
+def _check_json_file(path: Path, field: str) -> None:
+    """Check every record of a JSON/JSONL file: an object whose ``field`` is a string or
+    null (and the first has ``field``); the message names the file, the record and what to do.
+
+    Every file is checked in full: ``datasets`` silently re-encodes a value that is not a
+    string (a number, a list, even a string next to those) as JSON text when it reads
+    several files at once."""
+    first = True
+    for where, record in _json_records(path):
+        if not isinstance(record, dict):
+            raise DataError(
+                f"{str(path)!r} {where}: records must be JSON objects with a {field!r} field, "
+                f"got {type(record).__name__}"
+            )
+        if first and field not in record:
+            raise DataError(
+                f"{str(path)!r}: records have no field {field!r} (keys present: {sorted(record)}); "
+                f"set data.text_field to the field holding the text"
+            )
+        first = False
+        if _not_text(record.get(field)):
+            raise _text_type_error(f"{str(path)!r} {where}", field, record[field])
+    if first:
         raise DataError(f"{str(path)!r} contains no records; remove it from data.paths")
-    if not isinstance(first, dict):
-        raise DataError(f"{str(path)!r}: records must be JSON objects with a {field!r} field, got {type(first).__name__}")
-    if field not in first:
+
+
+def _check_parquet_file(path: Path, field: str) -> None:
+    """Check that a parquet file's column ``field`` (where present) holds strings."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    try:
+        schema = pq.read_schema(path)
+    except Exception as e:  # noqa: BLE001 (pyarrow's errors do not name the file)
         raise DataError(
-            f"{str(path)!r}: records have no field {field!r} (keys present: {sorted(first)}); "
-            f"set data.text_field to the field holding the text"
-        )
+            f"{str(path)!r} is not a readable parquet file ({type(e).__name__}: {e}); fix it or remove it "
+            f"from data.paths"
+        ) from e
+    if field not in schema.names:
+        return  # reported with the columns present once loaded
+    t = schema.field(field).type
+    if pa.types.is_string(t) or pa.types.is_large_string(t) or pa.types.is_null(t) or str(t) == "string_view":
+        return
+    for n, value in enumerate(pq.read_table(path, columns=[field]).column(field).to_pylist()):
+        if _not_text(value):
+            raise _text_type_error(f"{str(path)!r} row {n}", field, value)
 
 
 def _check_file(path: Path, kind: str, field: str) -> None:
@@ -289,10 +350,18 @@ def _check_file(path: Path, kind: str, field: str) -> None:
                     raise DataError(f"{str(path)!r} holds only whitespace: no document; remove it from data.paths")
         else:
             _check_json_file(path, field)
+    elif kind == "parquet":
+        _check_parquet_file(path, field)
 
 
 def _hf_cache(cfg: DataConfig) -> str:
     return str(cache_root(cfg) / "hf_datasets")
+
+
+def _is_string_feature(feature: Any) -> bool:
+    import datasets
+
+    return isinstance(feature, datasets.Value) and feature.dtype in ("string", "large_string", "null")
 
 
 def _load_files(cfg: DataConfig):
@@ -321,6 +390,11 @@ def _load_files(cfg: DataConfig):
                 f"set data.text_field"
             )
         ds = ds.select_columns([field])
+        if not _is_string_feature(ds.features[field]):  # a backstop: _check_file names the record
+            raise DataError(
+                f"{kind} files {files}: column {field!r} has type {ds.features[field]}, not string; "
+                f"make data.text_field a field that holds text"
+            )
         if field != "text":
             ds = ds.rename_column(field, "text")
         parts.append(ds)
@@ -370,12 +444,18 @@ def load_documents(cfg: Any):
         ds = _load_hub(c)
     else:
         raise DataError(f"unknown data.source {c.source!r}; use one of {list(SOURCES)}")
+    where = f"hub data set {c.hub_name!r} (split {c.hub_split!r})" if c.source == "hub" else f"data.source={c.source}"
+
+    def nonempty_text(batch: dict, rows: list[int]) -> list[bool]:
+        for t, row in zip(batch["text"], rows):
+            if _not_text(t):  # local files: named with file and line by _check_file
+                raise _text_type_error(f"{where} row {row}", c.text_field, t)
+        return [bool(t and t.strip()) for t in batch["text"]]
+
     if isinstance(ds, datasets.IterableDataset):
-        ds = ds.filter(lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True)
+        ds = ds.filter(nonempty_text, batched=True, with_indices=True)
         return ds.take(c.max_documents) if c.max_documents else ds
-    nonempty = ds.filter(
-        lambda b: [bool(t and t.strip()) for t in b["text"]], batched=True, desc="drop empty documents"
-    )
+    nonempty = ds.filter(nonempty_text, batched=True, with_indices=True, desc="drop empty documents")
     if len(nonempty) == 0:
         raise DataError(f"data.source={c.source}: no non-empty documents found ({len(ds)} rows, all empty)")
     if c.max_documents is not None and c.max_documents < len(nonempty):

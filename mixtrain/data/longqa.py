@@ -12,12 +12,14 @@ Construction (shared/spec/paper.md, "Long-context QA fine-tuning"):
      boundary of the chunk and asks for it; ``span`` quotes 8 consecutive words of the
      chunk and asks for the next 5; ``mixed`` picks one per chunk. Deterministic in
      ``data.seed``. ``module:function`` plugs in your own generator (e.g. an
-     instruction model): ``f(chunk_text, rng) -> (context, question, answer)``.
+     instruction model): ``f(chunk_text, rng) -> (context, question, answer)``, three
+     strings, or None to skip the chunk.
    - ``jsonl`` (``data.qa_path``, a file or glob) or ``hf`` (``data.qa_hub_name``):
      an existing QA data set; each record's context is a chunk and its pair the pair
      (field names ``data.qa_{context,question,answer}_field``; an answer may be a
      string, a list of strings or SQuAD's ``{"text": [...]}``: the first is used).
-     Records sharing a context count as one document.
+     Records sharing a context count as one document. A record with a null (or empty)
+     context, question or answer is skipped.
 
 3. Chunks of *different* documents (and with different questions) are concatenated,
    separated by a blank line, until the next chunk and its QA pair would not fit in
@@ -66,6 +68,7 @@ SOURCES = ("offline", "jsonl", "hf")
 GENERATORS = ("fact", "span", "mixed")
 CHUNK_SEP = "\n\n"
 SPAN_QUOTE_WORDS, SPAN_ANSWER_WORDS = 8, 5
+GENERATOR_SIGNATURE = "f(chunk_text: str, rng: random.Random) -> (context, question, answer)"
 
 # Small fixed word lists for the planted facts (adjective + noun keys, as RULER's needles).
 ADJECTIVES = (
@@ -141,9 +144,15 @@ def offline_generator(name: str) -> Callable[[str, random.Random], tuple[str, st
     if ":" in name:
         module, _, fn = name.partition(":")
         try:
-            return getattr(importlib.import_module(module), fn)
+            gen = getattr(importlib.import_module(module), fn)
         except (ImportError, AttributeError) as e:
             raise LongQAError(f"data.qa_generator={name!r}: cannot import {fn!r} from {module!r} ({e})") from e
+        if not callable(gen):
+            raise LongQAError(
+                f"data.qa_generator={name!r}: {module}.{fn} is a value of type {type(gen).__name__} "
+                f"({_short_repr(gen)}), not a function; name a function {GENERATOR_SIGNATURE}"
+            )
+        return gen
     raise LongQAError(
         f"data.qa_generator={name!r} is not known; use one of {list(GENERATORS)} or 'module:function' "
         f"(a callable (chunk_text, random.Random) -> (context, question, answer))"
@@ -169,12 +178,24 @@ class QAItem:
         return len(self.context) + len(self.question_ids) + len(self.answer_ids)
 
 
-def _answer_text(value: Any) -> str:
+def _short_repr(value: Any, limit: int = 60) -> str:
+    r = repr(value)
+    return r if len(r) <= limit else r[: limit - 3] + "..."
+
+
+def _answer_text(value: Any) -> Optional[str]:
+    """The answer of a QA record: a string or a number (``1998``), the first of a list of
+    them or of SQuAD's ``{"text": [...]}``; "" for null or an empty list; None for
+    anything else."""
     if isinstance(value, dict) and "text" in value:
         value = value["text"]
     if isinstance(value, (list, tuple)):
         value = value[0] if value else ""
-    return str(value).strip()
+    if value is None:
+        return ""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value.strip() if isinstance(value, str) else None
 
 
 def chunk_documents(texts: list[str], tok: Tok, chunk_tokens: int) -> list[tuple[int, str]]:
@@ -205,22 +226,53 @@ def make_items(pairs: list[tuple[int, str, str, str]], tok: Tok) -> list[QAItem]
     ]
 
 
+def _generated(generator: str, got: Any, chunk: int, doc: int) -> Optional[tuple[str, str, str]]:
+    """``got`` (a generator's return value for chunk ``chunk``) checked: None or three strings."""
+    if got is None:
+        return None
+    problem = None
+    if not isinstance(got, (tuple, list)):
+        problem = f"a value of type {type(got).__name__} ({_short_repr(got)})"
+    elif len(got) != 3:
+        problem = f"a {type(got).__name__} of {len(got)} item(s) ({_short_repr(got)})"
+    else:
+        for name, value in zip(("context", "question", "answer"), got):
+            if not isinstance(value, str):
+                problem = (f"a {type(got).__name__} whose {name} is of type {type(value).__name__} "
+                           f"({_short_repr(value)})")
+                break
+    if problem is None:
+        return tuple(got)
+    raise LongQAError(
+        f"data.qa_generator={generator!r} returned {problem} for chunk {chunk} (document {doc}); it must be "
+        f"{GENERATOR_SIGNATURE} returning three strings, or None to skip the chunk"
+    )
+
+
 def offline_pairs(texts: list[str], tok: Tok, chunk_tokens: int, generator: str, seed: int):
     gen = offline_generator(generator)
     pairs = []
     for i, (doc, text) in enumerate(chunk_documents(texts, tok, chunk_tokens)):
         rng = random.Random(f"longqa-{seed}-{i}")
-        got = gen(text, rng)
+        try:
+            got = gen(text, rng)
+        except Exception as e:  # noqa: BLE001 (a user's function: say which setting and chunk)
+            raise LongQAError(
+                f"data.qa_generator={generator!r} raised {type(e).__name__}: {e} on chunk {i} (document {doc}, "
+                f"{len(text)} characters: {_short_repr(text, 40)}); fix the function, called as {GENERATOR_SIGNATURE}"
+            ) from e
+        got = _generated(generator, got, i, doc)
         if got is None:
             continue
         context, question, answer = got
-        if question and str(answer).strip():
-            pairs.append((doc, context, question, str(answer).strip()))
+        if question and answer.strip():
+            pairs.append((doc, context, question, answer.strip()))
     return pairs
 
 
-def _qa_records(c) -> list[dict]:
-    """Records of an existing QA data set (jsonl or hf), as dicts."""
+def _qa_records(c) -> list[tuple[str, Any]]:
+    """Records of an existing QA data set (jsonl or hf), each with where it is (for messages):
+    ``'<file>' line <n>`` (from 1) or ``data.qa_hub_name='<name>' row <n>`` (from 0)."""
     if c.qa_source == "jsonl":
         if not c.qa_path:
             raise LongQAError("data.qa_source=jsonl needs data.qa_path (a .jsonl file or a glob)")
@@ -233,7 +285,7 @@ def _qa_records(c) -> list[dict]:
                 for n, line in enumerate(fh, 1):
                     if line.strip():
                         try:
-                            records.append(json.loads(line))
+                            records.append((f"{f!r} line {n}", json.loads(line)))
                         except json.JSONDecodeError as e:
                             raise LongQAError(f"{f} line {n} is not valid JSON ({e})") from e
         return records
@@ -249,7 +301,7 @@ def _qa_records(c) -> list[dict]:
                 f"data.qa_hub_name={c.qa_hub_name!r}: could not load it ({type(e).__name__}: {e}); hub data sets "
                 f"need network or an HF cache. Offline, export it to JSONL and use data.qa_source=jsonl"
             ) from e
-        return list(ds)
+        return [(f"data.qa_hub_name={c.qa_hub_name!r} row {n}", r) for n, r in enumerate(ds)]
     raise LongQAError(f"data.qa_source={c.qa_source!r} is not known; use one of {list(SOURCES)}")
 
 
@@ -259,14 +311,34 @@ def plugin_pairs(c) -> list[tuple[int, str, str, str]]:
         (c.qa_document_field,) if c.qa_document_field else ())
     doc_of: dict[str, int] = {}
     pairs = []
-    for n, r in enumerate(records):
+    for where, r in records:
+        if not isinstance(r, dict):
+            raise LongQAError(
+                f"{where}: a QA record must be a JSON object with the fields {list(fields)}, "
+                f"not a {type(r).__name__} ({_short_repr(r)}); fix the record"
+            )
         missing = [f for f in fields if f not in r]
         if missing:
             raise LongQAError(
-                f"QA record {n} has no field(s) {missing} (it has {sorted(r)}); set "
+                f"{where}: QA record has no field(s) {missing} (it has {sorted(r)}); set "
                 f"data.qa_context_field / data.qa_question_field / data.qa_answer_field / data.qa_document_field"
             )
-        context, question, answer = str(r[fields[0]]), str(r[fields[1]]).strip(), _answer_text(r[fields[2]])
+        for setting, field in (("data.qa_context_field", fields[0]), ("data.qa_question_field", fields[1])):
+            if r[field] is not None and not isinstance(r[field], str):
+                raise LongQAError(
+                    f"{where}: {setting}={field!r} holds a value of type {type(r[field]).__name__} "
+                    f"({_short_repr(r[field])}), not a string; make it a string (null skips the record) "
+                    f"or set {setting}"
+                )
+        answer = _answer_text(r[fields[2]])
+        if answer is None:
+            raise LongQAError(
+                f"{where}: data.qa_answer_field={fields[2]!r} holds a value of type {type(r[fields[2]]).__name__} "
+                f"({_short_repr(r[fields[2]])}); an answer must be "
+                f"a string or number, a list of them or {{\"text\": [...]}} (null skips the record); fix the record "
+                f"or set data.qa_answer_field"
+            )
+        context, question = r[fields[0]] or "", (r[fields[1]] or "").strip()
         if not context.strip() or not question or not answer:
             continue
         doc_key = str(r[c.qa_document_field]) if c.qa_document_field else context
