@@ -451,28 +451,49 @@ def read_wandb_history(run_dir: "Path") -> dict[str, list[tuple[int, float]]]:
     return history.curves()
 
 
-def read_eval_scores(run_dir: "Path") -> dict[str, float]:
-    """Scores from ``<run_dir>/eval/*.json`` (each with a ``scores`` mapping task -> score
-    and maybe ``average``); later files win for the same task. Unreadable files are skipped."""
+def _eval_files(run_dir: "Path") -> list[dict[str, Any]]:
+    """The JSON objects of ``<run_dir>/eval/*.json``, oldest first; unreadable files skipped."""
     import json
 
-    scores: dict[str, float] = {}
-    average: Optional[float] = None
+    out = []
     for path in sorted((run_dir / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime):
         try:
             data = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
-        if not isinstance(data, dict):
-            continue
+        if isinstance(data, dict):
+            out.append(data)
+    return out
+
+
+def read_eval_scores(run_dir: "Path") -> dict[str, float]:
+    """Scores from ``<run_dir>/eval/*.json`` (each with a ``scores`` mapping task -> score
+    and maybe ``average``); later files win for the same task, and a task a later file
+    skipped (score null: its prompt did not fit the length) has no score. Unreadable
+    files are skipped."""
+    scores: dict[str, float] = {}
+    average: Optional[float] = None
+    for data in _eval_files(run_dir):
         for task, v in (data.get("scores") or {}).items() if isinstance(data.get("scores"), dict) else []:
             f = _float(v.get("score") if isinstance(v, dict) else v)
             if f is not None:
                 scores[str(task)] = f
+            else:
+                scores.pop(str(task), None)
         average = _float(data.get("average")) if data.get("average") is not None else average
     if scores or average is not None:
         scores["average"] = average if average is not None else sum(scores.values()) / len(scores)
     return scores
+
+
+def read_eval_skipped(run_dir: "Path") -> list[str]:
+    """The (task, length) cells the newest RULER results skipped (prompt longer than the
+    length), as ``task@length``."""
+    out: list[str] = []
+    for data in _eval_files(run_dir):
+        if isinstance(data.get("skipped"), list):
+            out = [f"{s.get('task')}@{s.get('length')}" for s in data["skipped"] if isinstance(s, dict)]
+    return out
 
 
 def _median(values: list[float]) -> Optional[float]:
@@ -537,6 +558,7 @@ def run_record(run_dir: "Path") -> dict[str, Any]:
     rec["mfu"] = _median([v for _, v in curves.get("perf/mfu", [])])
     rec["tokens_per_step"] = int(cfg.train.global_batch_tokens)
     rec["eval"] = read_eval_scores(run_dir)
+    rec["eval_skipped"] = read_eval_skipped(run_dir)
     rec["curves"] = {k: curves[k] for k in ("train/loss", "val/loss") if k in curves}
     return rec
 
@@ -584,7 +606,13 @@ def format_compare(records: list[dict[str, Any]]) -> str:
 
     lines = _table([headers.get(k, k) for k in keys], [[cell(k, row[k]) for k in keys] for row in rows])
     notes = [f"  {r['run']}: {r['error']}" for r in records if r.get("error")]
-    return "\n".join(lines + (["", "failed:", *notes] if notes else [])) + "\n"
+    skips = [f"  {r['run']}: {', '.join(r['eval_skipped'])}" for r in records if r.get("eval_skipped")]
+    return "\n".join(
+        lines
+        + (["", "failed:", *notes] if notes else [])
+        + (["", "eval cells skipped (prompt longer than the length; its eval average is over the cells that ran):",
+            *skips] if skips else [])
+    ) + "\n"
 
 
 def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens") -> None:
@@ -599,7 +627,7 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens"
     for i, r in enumerate(records):
         c = colors[i % len(colors)]
         scale = r["tokens_per_step"] if x == "tokens" else 1
-        label = f"{r['run']} ({r.get('layout')})" if r.get("layout") and r["layout"] not in r["run"] else r["run"]
+        label = run_label(r)
         for key, style in (("val/loss", dict(lw=2, marker="o", ms=3)), ("train/loss", dict(lw=1, alpha=0.35))):
             pts = r["curves"].get(key, [])
             if pts:
@@ -614,6 +642,13 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens"
         ax.legend(fontsize=7)
     fig.tight_layout()
     save_figure(fig, path)
+
+
+def run_label(r: dict[str, Any]) -> str:
+    """A run's name in plots, with its layout when the name does not already say it
+    (several runs of one layout, a stage chain or seeds, stay apart)."""
+    layout = r.get("layout")
+    return f"{r['run']} ({layout})" if layout and str(layout) not in r["run"] else r["run"]
 
 
 def save_figure(fig, path: Any, dpi: int = 120) -> "Path":
@@ -646,10 +681,13 @@ def plot_quality_vs_kv(records: list[dict[str, Any]], path: Any) -> None:
     if evals:
         panels.append((axes[0][1], evals, lambda r: r["eval"]["average"], "eval average (higher is better)"))
     for ax, rs, y, ylabel in panels:
+        seen: dict[tuple, int] = {}
         for r in rs:
-            ax.scatter(r["kv_bytes_per_token_32k"], y(r), s=40)
-            ax.annotate(r.get("layout") or r["run"], (r["kv_bytes_per_token_32k"], y(r)),
-                        textcoords="offset points", xytext=(5, 5), fontsize=8)
+            at = (r["kv_bytes_per_token_32k"], y(r))
+            key = (round(at[0], 3), round(at[1], 4))
+            k = seen[key] = seen.get(key, -1) + 1  # labels of points at the same place are stacked
+            ax.scatter(*at, s=40)
+            ax.annotate(run_label(r), at, textcoords="offset points", xytext=(5, 5 + 10 * k), fontsize=8)
         ax.set_xscale("log")
         ax.set_xlabel("KV cache bytes per token at 32K context (bf16, log scale)")
         ax.set_ylabel(ylabel)

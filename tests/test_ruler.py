@@ -5,6 +5,7 @@ reference answer and 0 for a wrong one; the runner writes what `mixtrain compare
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections import Counter
 
@@ -184,8 +185,13 @@ def test_errors_say_what_to_do(tok_and_docs):
     tok, docs = tok_and_docs
     with pytest.raises(UserError, match=r"unknown RULER task\(s\) \['niah'\]; valid tasks: all, niah_single_1"):
         ruler.parse_tasks("niah,vt")
-    with pytest.raises(UserError, match="niah_multikey_1: the prompt needs .* use a longer length"):
+    with pytest.raises(ruler.PromptTooLong) as e:
         ruler.generate("niah_multikey_1", tok, 256, 1, haystack_docs=docs)
+    n = e.value.needed
+    assert isinstance(e.value, UserError) and (e.value.task, e.value.length) == ("niah_multikey_1", 256) and n > 256
+    assert str(e.value) == (f"niah_multikey_1: the prompt needs {n - 128} tokens without any haystack, plus 128 to "
+                            f"generate: {n} in all, more than the length 256; use a longer length (about {n} or more)")
+    assert ruler.check_fits("niah_multikey_1", tok, 256, 1, haystack_docs=docs).needed == n  # the same, cheaply
     with pytest.raises(UserError, match="haystack needs text"):
         ruler.generate("niah_single_2", tok, 1024, 1, haystack_docs=None)
 
@@ -241,3 +247,148 @@ def test_loss_by_position_prefers_real_long_documents(tmp_path):
     assert any("only 1 held-out documents" in str(w.message) for w in caught)
     _, source, _ = held_out_sequences(cfg, tok, length=320, max_sequences=4)  # longer than any document
     assert source == "concatenated"
+
+
+def test_cells_that_cannot_fit_are_skipped_and_the_rest_written(tmp_path, tok_and_docs, monkeypatch):
+    """niah_multikey_1's prompt cannot fit 512 tokens: that one (task, length) cell is
+    skipped with its reason, found before any decoding; the other 5 run and are written;
+    the averages are over those 5; the table, the heatmap and `mixtrain compare` show it."""
+    from types import SimpleNamespace
+
+    from omegaconf import OmegaConf
+
+    from mixtrain import report
+    from mixtrain.config import compose
+
+    tok, docs = tok_and_docs
+    why = ruler.check_fits("niah_multikey_1", tok, 512, 2, haystack_docs=docs)
+    assert why is not None and 512 < why.needed <= 1024
+    assert ruler.check_fits("niah_multikey_1", tok, 1024, 2, haystack_docs=docs) is None
+    decoded, lines = [], []
+
+    def oracle(model, tokenizer, samples, batch_size=4, prefill_chunk=1024):  # wrong on niah_single_1 only
+        decoded.append((samples[0].task, samples[0].length))
+        lines.append(f"decoded {samples[0].task}")
+        return [" I do not know" if s.task == "niah_single_1" else " " + " ".join(s.references) for s in samples]
+
+    monkeypatch.setattr(ruler, "predict", oracle)
+    run = tmp_path / "run-7"
+    run.mkdir()
+    OmegaConf.save(compose(["model=tiny", "layout=ma_offset"]), run / "config.yaml")
+    (run / "result.json").write_text(json.dumps({"status": "completed", "steps": 1, "val_loss": 3.0}))
+    model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=1024))
+    res = ruler.evaluate(model, tok, "niah_single_1,vt,niah_multikey_1", [512, 1024], 2, run / "eval",
+                         haystack_docs=docs, names={"name": "run-7", "layout": "ma_offset"}, log=lines.append)
+    assert lines[0] == (
+        f"  skipped niah_multikey_1 at length 512: the prompt needs {why.needed - 128} tokens without any haystack, "
+        f"plus 128 to generate: {why.needed} in all, more than the length 512; it needs --lengths of about "
+        f"{why.needed} or more")
+    assert lines[1] == "decoded niah_single_1"  # the skip was known before any decoding
+    assert decoded == [("niah_single_1", 512), ("vt", 512), ("niah_single_1", 1024), ("vt", 1024),
+                       ("niah_multikey_1", 1024)]
+
+    saved = json.loads((run / "eval" / "ruler.json").read_text())
+    assert saved["by_length"] == {"512": {"niah_single_1": 0.0, "vt": 1.0, "niah_multikey_1": None},
+                                  "1024": {"niah_single_1": 0.0, "vt": 1.0, "niah_multikey_1": 1.0}}
+    assert saved["scores"] == {"niah_single_1": 0.0, "vt": 1.0, "niah_multikey_1": 1.0}  # over the lengths run
+    assert saved["average"] == 0.6 == res["average"]  # 3 of the 5 cells that ran (not 2/3, the mean of the tasks)
+    assert saved["cells"] == {"ran": 5, "skipped": 1}
+    assert saved["skipped"] == [{"task": "niah_multikey_1", "length": 512, "reason": why.detail,
+                                 "min_length": why.needed}]
+    rows = [json.loads(x) for x in (run / "eval" / "ruler_samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 5 * 2 and ("niah_multikey_1", 512) not in {(r["task"], r["length"]) for r in rows}
+    grid = ruler.heatmap_grid(saved)
+    assert grid.shape == (3, 2) and math.isnan(grid[2, 0]) and grid[2, 1] == 1.0 and grid[1].tolist() == [1.0, 1.0]
+    assert (run / "eval" / "ruler_heatmap.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = lines[-1].splitlines()
+    assert table[3].split() == ["niah_single_1", "0.00", "0.00", "0.00"]
+    assert table[5].split() == ["niah_multikey_1", "-", "1.00", "1.00"]
+    assert table[6].split() == ["average", "0.50", "0.67", "0.60"]
+    assert table[7:] == ["skipped, prompt longer than the length (-): 512: niah_multikey_1",
+                         "averages are over the 5 of 6 (task, length) cells that ran (512: 2 of 3 tasks, 1K: 3 of 3 tasks)"]
+
+    got = report.compare([run], out=tmp_path / "cmp")
+    (rec,) = got["records"]
+    assert rec["eval"] == {"niah_single_1": 0.0, "vt": 1.0, "niah_multikey_1": 1.0, "average": 0.6}
+    assert rec["eval_skipped"] == ["niah_multikey_1@512"]
+    assert got["table"].splitlines()[-2:] == [
+        "eval cells skipped (prompt longer than the length; its eval average is over the cells that ran):",
+        "  run-7: niah_multikey_1@512"]
+    assert (tmp_path / "cmp" / "quality_vs_kv.png").is_file()
+    # A later evaluation where a task no longer fits anywhere: no stale score for it in compare.
+    saved["scores"]["vt"] = saved["by_length"]["512"]["vt"] = saved["by_length"]["1024"]["vt"] = None
+    (run / "eval" / "ruler.json").write_text(json.dumps(saved))
+    assert report.read_eval_scores(run) == {"niah_single_1": 0.0, "niah_multikey_1": 1.0, "average": 0.6}
+
+
+def test_nothing_fits_fails_before_decoding_and_says_what_to_do(tok_and_docs, monkeypatch):
+    from types import SimpleNamespace
+
+    tok, docs = tok_and_docs
+    monkeypatch.setattr(ruler, "predict", lambda *a, **k: pytest.fail("decoded although nothing fits"))
+    model = SimpleNamespace(cfg=SimpleNamespace(max_seq_len=512))
+    cwe, mq = (ruler.check_fits(t, tok, 512, 1, haystack_docs=docs).needed for t in ("cwe", "niah_multiquery"))
+    assert cwe > 512 and mq > 512
+    with pytest.raises(UserError) as e:
+        ruler.evaluate(model, tok, "cwe,niah_multiquery", [512], 1, None, haystack_docs=docs, log=lambda _: None)
+    assert str(e.value) == (
+        f"no RULER task fits --lengths 512 (--tasks cwe,niah_multiquery): each prompt plus its answer needs more "
+        f"tokens than the length (at least: cwe {cwe}, niah_multiquery {mq}); none of them fits the model's "
+        f"max_seq_len=512: extend its context first (stage=extend), then evaluate at the longer length")
+    cwe, vt = (ruler.check_fits(t, tok, 256, 1).needed for t in ("cwe", "vt"))
+    assert 256 < vt <= 512 < cwe
+    with pytest.raises(UserError) as e:
+        ruler.evaluate(model, tok, "cwe,vt", [128, 256], 1, None, log=lambda _: None)
+    assert str(e.value) == (
+        f"no RULER task fits --lengths 128,256 (--tasks cwe,vt): each prompt plus its answer needs more tokens "
+        f"than the length (at least: cwe {cwe}, vt {vt}); these need no more than the model's max_seq_len=512: "
+        f"try --lengths 512 --tasks vt")
+
+
+def test_haystack_files_are_checked_with_what_to_do(tmp_path, capsys, monkeypatch):
+    """`mixtrain eval --haystack FILE`: a missing file, a directory, non-UTF-8 bytes or too
+    few words fail with the flag and the path named, before the model is loaded."""
+    from mixtrain.cli import main
+    from mixtrain.eval.cli import read_haystack_files
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "latin1.txt").write_bytes("Caf\u00e9 au lait. ".encode("latin-1") * 100)
+    (tmp_path / "short.txt").write_text("Only seven words are in this file.\n")
+    (tmp_path / "essay.txt").write_text("A sentence of six words here. " * 40)
+    cases = {
+        "missing.txt": f"--haystack: file 'missing.txt' does not exist (cwd: {tmp_path}); fix the path",
+        "docs": "--haystack: 'docs' is a directory, not a file; give text files, e.g. --haystack docs/*.txt",
+        "latin1.txt": "--haystack: 'latin1.txt' is not UTF-8 text: undecodable byte at offset 3 (invalid continuation "
+                      "byte); convert it (e.g. `iconv -f latin1 -t utf-8`) or pass another file",
+        "short.txt": "--haystack: 'short.txt' holds 7 words; the document haystacks need at least 200 words; give "
+                     "more text (longer or more files)",
+    }
+    (tmp_path / "docs").mkdir()
+    for name, message in cases.items():
+        with pytest.raises(UserError) as e:
+            read_haystack_files([name])
+        assert str(e.value) == message
+        # The command: the message, no traceback, before loading the model (which does not exist).
+        assert main(["eval", "--model", "no-such-run", "--tasks", "niah_single_2", "--haystack", name]) == 2
+        err = capsys.readouterr().err
+        assert message in err and "Traceback" not in err
+    with pytest.raises(UserError, match=r"^--haystack: the 2 files hold 14 words; the document haystacks need at "
+                                        r"least 200 words"):
+        read_haystack_files(["short.txt", "short.txt"])
+    assert read_haystack_files(["essay.txt", "short.txt"])[1] == "Only seven words are in this file.\n"
+
+
+def test_quality_vs_kv_points_are_labelled_by_run(tmp_path, monkeypatch):
+    """Several runs of one layout (a stage chain, seeds) get their own labels: the run
+    name, with the layout when the name does not hold it."""
+    from mixtrain import report
+
+    figures = []
+    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi=120: figures.append(fig))
+    records = [{"run": name, "layout": "ma_offset", "kv_bytes_per_token_32k": 1024.0, "final_val_loss": loss,
+                "eval": {"average": 0.1 * i}} for i, (name, loss) in enumerate([("chain-1", 4.0), ("chain-2", 3.5),
+                                                                               ("ma_offset-seed1", 3.9)])]
+    report.plot_quality_vs_kv(records, tmp_path / "q.png")
+    (fig,) = figures
+    labels = [[t.get_text() for t in ax.texts] for ax in fig.axes]
+    assert labels == [["chain-1 (ma_offset)", "chain-2 (ma_offset)", "ma_offset-seed1"]] * 2  # loss and eval panels

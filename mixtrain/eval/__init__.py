@@ -3,8 +3,10 @@ loss by token position and validation perplexity (:mod:`mixtrain.eval.perplexity
 the ``mixtrain eval`` command (:mod:`mixtrain.eval.cli`).
 
 Results live in ``<run dir>/eval/``: ``ruler.json`` (``scores`` task -> score in [0, 1]
-averaged over lengths, ``by_length`` {length: {task: score}}, ``average``, the model and
-layout names), ``ruler_samples.jsonl``, ``ruler_heatmap.png``, ``perplexity.json`` and
+averaged over the lengths it ran at, ``by_length`` {length: {task: score, or null where
+the prompt cannot fit that length}}, ``average`` over the cells that ran, ``cells``
+{ran, skipped}, ``skipped`` [{task, length, reason, min_length}], the model and layout
+names), ``ruler_samples.jsonl``, ``ruler_heatmap.png``, ``perplexity.json`` and
 ``position_loss.png``; ``mixtrain compare`` reads them.
 """
 

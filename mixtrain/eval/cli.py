@@ -5,7 +5,9 @@
 
 Writes ``<run dir>/eval/ruler.json`` (``scores`` task -> mean over lengths, ``by_length``,
 ``average``, model/layout names), ``ruler_samples.jsonl``, ``ruler_heatmap.png``, and with
-``--perplexity`` ``perplexity.json`` + ``position_loss.png``; prints tables.
+``--perplexity`` ``perplexity.json`` + ``position_loss.png``; prints tables. A (task, length)
+whose prompt cannot fit the length is skipped (null score, listed under ``skipped`` with the
+reason) and the averages are over the cells that ran; when none fits, it is an error.
 """
 
 from __future__ import annotations
@@ -33,7 +35,8 @@ def register(subparsers) -> argparse.ArgumentParser:
                    "'none' skips RULER")
     p.add_argument("--lengths", default=None,
                    help="comma-separated context lengths in tokens (default: 4096,8192,16384,32768 up to the "
-                   "model's max_seq_len, or max_seq_len itself when shorter)")
+                   "model's max_seq_len, or max_seq_len itself when shorter); a task whose prompt cannot fit "
+                   "a length is skipped there")
     p.add_argument("--samples", type=int, default=10, help="prompts per task and length (default 10)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--batch-size", type=int, default=4, help="prompts decoded together")
@@ -62,11 +65,44 @@ def find_tokenizer(source: str | Path, cfg: Any):
     return get_tokenizer(cfg.data, int(cfg.model.vocab_size))
 
 
+def read_haystack_files(files: list[str]) -> list[str]:
+    """The text of the ``--haystack`` files: each must be an existing UTF-8 text file, and
+    together they must hold enough words for the document haystacks."""
+    import os
+
+    from mixtrain.errors import UserError
+    from mixtrain.eval.ruler import MIN_HAYSTACK_WORDS, haystack_words
+
+    docs = []
+    for f in files:
+        p = Path(os.path.expanduser(str(f)))
+        if p.is_dir():
+            raise UserError(f"--haystack: {str(f)!r} is a directory, not a file; give text files, e.g. "
+                            f"--haystack {str(f).rstrip('/')}/*.txt")
+        if not p.is_file():
+            raise UserError(f"--haystack: file {str(f)!r} does not exist (cwd: {os.getcwd()}); fix the path")
+        raw = p.read_bytes()
+        try:
+            docs.append(raw.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            raise UserError(
+                f"--haystack: {str(f)!r} is not UTF-8 text: undecodable byte at offset {e.start} ({e.reason}); "
+                f"convert it (e.g. `iconv -f latin1 -t utf-8`) or pass another file"
+            ) from None
+    n = len(haystack_words(docs))
+    if n < MIN_HAYSTACK_WORDS:
+        which = repr(str(files[0])) if len(files) == 1 else f"the {len(files)} files"
+        raise UserError(f"--haystack: {which} hold{'s' if len(files) == 1 else ''} {n} words; the document "
+                        f"haystacks need at least {MIN_HAYSTACK_WORDS} words; give more text (longer or more files)")
+    return docs
+
+
 def haystack_documents(cfg: Any, files: Optional[list[str]] = None, max_chars: int = 2_000_000) -> list[str]:
-    """Text for the document haystacks: given files, else the run's corpus, else the
-    embedded corpus (always available offline)."""
+    """Text for the document haystacks: given files (checked: see
+    :func:`read_haystack_files`), else the run's corpus, else the embedded corpus (always
+    available offline)."""
     if files:
-        return [Path(f).read_text(encoding="utf-8", errors="replace") for f in files]
+        return read_haystack_files(files)
     from mixtrain.data.corpus import DataError, as_data_config, load_documents
     from omegaconf import OmegaConf
 
@@ -106,6 +142,8 @@ def run(args) -> int:
     for flag in ("max_new_tokens", "ppl_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
+    needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
+    given_docs = read_haystack_files(args.haystack) if args.haystack and needs_docs else None  # before loading
     device = resolve_device(args.device or "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model, cfg = load_model(args.model, device=device, dtype=dtype)
@@ -137,8 +175,11 @@ def run(args) -> int:
     wandb_run = open_training_wandb_run(src, cfg, out_dir) if args.wandb else None
     try:
         if tasks:
-            needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
-            docs = haystack_documents(cfg, args.haystack) if needs_docs else None
+            docs = given_docs if given_docs is not None else haystack_documents(cfg) if needs_docs else None
+            n_words = len(ruler.haystack_words(docs)) if docs is not None else 0
+            if given_docs is None and any(t in ruler.ESSAY_TASKS for t in tasks) and n_words < ruler.MIN_HAYSTACK_WORDS:
+                raise UserError(f"the run's corpus gives {n_words} words for the document haystacks, fewer than "
+                                f"{ruler.MIN_HAYSTACK_WORDS}; pass text files with --haystack FILE...")
             ruler.evaluate(model, tok, tasks, lengths, args.samples, out_dir, seed=args.seed, haystack_docs=docs,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, names=names,
                            wandb_log=True if args.wandb else None)

@@ -27,9 +27,11 @@ length with the model's tokenizer: the haystack size is searched so that prompt 
 ``max_new_tokens`` fits ``length`` tokens (RULER's budget), the needles sit at
 evenly spaced depths (sample ``i`` of ``n`` puts a single needle at depth
 ``(i + 0.5) / n``; ``k`` needles are spread ``1/k`` apart from there), and the answer
-prefix ends the prompt. Decoding is greedy; a prediction scores, case-insensitively,
-the fraction of references it contains (``all``: NIAH, VT, CWE, FWE; RULER's
-``string_match_all``) or 1 if it contains any (``any``: QA; ``string_match_part``).
+prefix ends the prompt. A prompt that cannot fit its length even without haystack
+(:class:`PromptTooLong`) makes :func:`evaluate` skip that (task, length), found before any
+decoding, and average over the cells that ran. Decoding is greedy; a prediction scores,
+case-insensitively, the fraction of references it contains (``all``: NIAH, VT, CWE, FWE;
+RULER's ``string_match_all``) or 1 if it contains any (``any``: QA; ``string_match_part``).
 
 Differences from RULER, all deliberate for offline use: no in-context example for
 vt/cwe; synthetic pronounceable words instead of the ``wonderwords`` lists; synthetic
@@ -104,6 +106,20 @@ ESSAY_TASKS = ("niah_single_2", "niah_single_3", "niah_multikey_1", "niah_multiv
 
 class RulerError(UserError, ValueError):
     """A bad task name, length or haystack; the message says what to change."""
+
+
+class PromptTooLong(RulerError):
+    """A task's prompt (with the smallest haystack) plus its generated tokens do not fit
+    the length: ``detail`` says why, ``needed`` is the shortest length that fits (when
+    known). :func:`evaluate` records such a (task, length) cell as skipped."""
+
+    def __init__(self, task: str, length: int, detail: str, needed: Optional[int] = None):
+        self.task, self.length, self.detail, self.needed = task, int(length), detail, needed
+        advice = f"use a longer length (about {needed} or more)" if needed else "use a longer length"
+        super().__init__(f"{task}: {detail}; {advice}")
+
+
+MIN_HAYSTACK_WORDS = 200  # the document haystacks cycle through at least this much text
 
 
 def _user_error(msg: str) -> RulerError:
@@ -189,8 +205,10 @@ class _Fitter:
     (from the previous sample's size when there is one), galloping, then bisection to
     within ~0.05% of ``h``. Token counts are nearly monotone in ``h``."""
 
-    def __init__(self, tokenizer, budget: int):
-        self.tok, self.budget = tokenizer, budget
+    def __init__(self, tokenizer, length: int, max_new: int, probe: bool = False, task: str = ""):
+        self.tok, self.length, self.max_new = tokenizer, int(length), int(max_new)
+        self.budget = self.length - self.max_new
+        self.probe, self.task = probe, task  # probe: only check that the smallest haystack fits
         self.hint: dict[str, int] = {}
 
     def fit(self, key: str, build: Callable[[int], str], h_max: Optional[int] = None, h_min: int = 0) -> tuple[int, str, list[int]]:
@@ -205,10 +223,16 @@ class _Fitter:
 
         if not fits(h_min):
             n = len(memo[h_min][2])
-            raise _user_error(
-                f"{key}: the prompt needs {n} tokens without any haystack, more than the budget of {self.budget} "
-                f"(length minus max_new_tokens); use a longer length"
+            smallest = "without any haystack" if h_min == 0 else "even with the smallest haystack"
+            raise PromptTooLong(
+                self.task or key.split("/")[0], self.length,
+                f"the prompt needs {n} tokens {smallest}, plus {self.max_new} to generate: "
+                f"{n + self.max_new} in all, more than the length {self.length}",
+                needed=n + self.max_new,
             )
+        if self.probe:
+            _, text, ids = memo[h_min]
+            return h_min, text, ids
         cap = h_max if h_max is not None else 1 << 40
         n0 = len(memo[h_min][2])
         h = max(h_min, min(self.hint.get(key, h_min + 64), cap))
@@ -269,13 +293,18 @@ def _depths(index: int, n_samples: int, k: int) -> list[float]:
 # --------------------------------------------------------------------------- haystacks
 
 
-def _essay_words(haystack_docs: Optional[Sequence[str]]) -> list[str]:
+def haystack_words(haystack_docs: Optional[Sequence[str]]) -> list[str]:
+    """The words of the document haystack text (whitespace-separated)."""
     text = " ".join(d for d in (haystack_docs or []) if d and d.strip())
-    words = re.sub(r"\s+", " ", text).strip().split(" ") if text.strip() else []
-    if len(words) < 200:
+    return re.sub(r"\s+", " ", text).strip().split(" ") if text.strip() else []
+
+
+def _essay_words(haystack_docs: Optional[Sequence[str]]) -> list[str]:
+    words = haystack_words(haystack_docs)
+    if len(words) < MIN_HAYSTACK_WORDS:
         raise _user_error(
-            "the document haystack needs text: pass haystack_docs (e.g. the run's corpus; "
-            f"got {len(words)} words)"
+            f"the document haystack needs text: pass haystack_docs with at least {MIN_HAYSTACK_WORDS} words "
+            f"(e.g. the run's corpus; got {len(words)} words)"
         )
     return words
 
@@ -342,9 +371,9 @@ def _niah_text(type_v: str, single: bool, query: str, context: str) -> tuple[str
 
 
 def _niah(task: str, *, haystack: str, type_k: str, type_v: str, num_k: int = 1, num_v: int = 1, num_q: int = 1):
-    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None):
+    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None, probe=False):
         max_new = max_new_tokens or 128
-        fitter = _Fitter(tokenizer, length - max_new)
+        fitter = _Fitter(tokenizer, length, max_new, probe, task)
         words = _essay_words(haystack_docs) if haystack == "essay" else None
         out = []
         for i in range(n_samples):
@@ -391,9 +420,9 @@ def _niah(task: str, *, haystack: str, type_k: str, type_v: str, num_k: int = 1,
 
 
 def _vt(task="vt", num_hops: int = 4):
-    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None):
+    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None, probe=False):
         max_new = max_new_tokens or 30
-        fitter = _Fitter(tokenizer, length - max_new)
+        fitter = _Fitter(tokenizer, length, max_new, probe, task)
         out = []
         for i in range(n_samples):
             rng = random.Random(f"{task}-{seed}-{length}-{i}")
@@ -420,10 +449,10 @@ def _vt(task="vt", num_hops: int = 4):
 
 
 def _cwe(task="cwe", num_cw: int = 10):
-    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None):
+    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None, probe=False):
         max_new = max_new_tokens or 120
         freq_cw, freq_ucw = (30, 3) if length >= 4096 else (6, 1)
-        fitter = _Fitter(tokenizer, length - max_new)
+        fitter = _Fitter(tokenizer, length, max_new, probe, task)
         head = ("Below is a numbered list of words. In these words, some appear more often than others. "
                 "Memorize the ones that appear most often.\n")
         tail = (f"\nQuestion: What are the {num_cw} most common words in the above list?"
@@ -451,9 +480,9 @@ def _cwe(task="cwe", num_cw: int = 10):
 def _fwe(task="fwe", alpha: float = 2.0, word_len: int = 6):
     zeta = sum(k ** -alpha for k in range(1, 100000))
 
-    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None):
+    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None, probe=False):
         max_new = max_new_tokens or 50
-        fitter = _Fitter(tokenizer, length - max_new)
+        fitter = _Fitter(tokenizer, length, max_new, probe, task)
         head = ("Read the following coded text and track the frequency of each coded word. "
                 "Find the three most frequently appeared coded words. ")
         tail = ("\nQuestion: Do not provide any explanation. Please ignore the dots '....'. What are the three "
@@ -469,15 +498,27 @@ def _fwe(task="fwe", alpha: float = 2.0, word_len: int = 6):
             def counts(n_words: int) -> list[int]:
                 return [int(n_words * (k ** -alpha) / zeta) for k in range(1, len(vocab) + 1)]
 
+            def ranked(n_words: int) -> bool:
+                """Whether ``n_words`` words rank the top three (the 4th more frequent than the 5th)."""
+                c = counts(n_words)
+                return c[3] > c[4] >= 0 and c[3] >= 1
+
+            min_words = next(n for n in range(1, 1 << 20) if ranked(n))
+
             def build(h: int) -> str:
                 words = [w for w, c in zip(vocab, counts(h)) for _ in range(c)]
                 random.Random(shuffle_seed).shuffle(words)
                 return head + " ".join(words) + tail
 
-            n_words, prompt, ids = fitter.fit(task, build, h_min=0)
-            c = counts(n_words)
-            if not (c[3] > c[4] >= 0 and c[3] >= 1):
-                raise _user_error(f"fwe: length {length} is too short for a frequency ranking; use a longer length")
+            # probe: whether the fewest words that still rank the top three fit
+            n_words, prompt, ids = fitter.fit(task, build, h_min=min_words if probe else 0)
+            if not ranked(n_words):  # counts are floors: a few words fewer may rank where n_words does not
+                fewer = max((n for n in range(min_words, n_words) if ranked(n)), default=None)
+                if fewer is None:
+                    raise PromptTooLong(task, length, f"the prompt leaves room for {n_words} coded words, fewer "
+                                        f"than the {min_words} a frequency ranking needs")
+                n_words, prompt = fewer, build(fewer)
+                ids = tokenizer.encode(prompt)
             out.append(Sample(task, length, i, prompt, ids, vocab[1:4], max_new))
         return out
 
@@ -508,9 +549,9 @@ def _filler(rng: random.Random, words: Optional[list[str]], n: int = 24) -> str:
 
 
 def _qa(task: str, hops: int):
-    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None):
+    def generate(tokenizer, length, n_samples, seed, haystack_docs=None, max_new_tokens=None, probe=False):
         max_new = max_new_tokens or 32
-        fitter = _Fitter(tokenizer, length - max_new)
+        fitter = _Fitter(tokenizer, length, max_new, probe, task)
         words = None
         if haystack_docs:
             try:
@@ -626,9 +667,23 @@ def parse_tasks(spec: str | Sequence[str] | None) -> list[str]:
 
 def generate(task: str, tokenizer, length: int, n_samples: int, seed: int = 0,
              haystack_docs: Optional[Sequence[str]] = None, max_new_tokens: Optional[int] = None) -> list[Sample]:
-    """``n_samples`` prompts of ``task`` filled to ``length`` tokens."""
+    """``n_samples`` prompts of ``task`` filled to ``length`` tokens. Raises
+    :class:`PromptTooLong` when they cannot fit ``length``."""
     t = TASKS[parse_tasks([task])[0]]
     return t.generate(tokenizer, length, n_samples, seed, haystack_docs, max_new_tokens or t.max_new_tokens)
+
+
+def check_fits(task: str, tokenizer, length: int, n_samples: int, seed: int = 0,
+               haystack_docs: Optional[Sequence[str]] = None,
+               max_new_tokens: Optional[int] = None) -> Optional[PromptTooLong]:
+    """Why ``task``'s prompts cannot fit ``length`` (a :class:`PromptTooLong`), or None
+    when they can. Cheap: builds each sample's prompt with the smallest haystack only."""
+    t = TASKS[parse_tasks([task])[0]]
+    try:
+        t.generate(tokenizer, length, n_samples, seed, haystack_docs, max_new_tokens or t.max_new_tokens, probe=True)
+    except PromptTooLong as e:
+        return e
+    return None
 
 
 def score(task: str, prediction: str, references: Sequence[str]) -> float:
@@ -679,32 +734,63 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = "all", lengths: Sequ
     """Generate, decode greedily and score every (task, length); write ``ruler.json``,
     ``ruler_samples.jsonl`` and ``ruler_heatmap.png`` under ``out_dir``; print a table.
 
-    Returns ``{"scores": {task: mean over lengths}, "by_length": {length: {task: score}},
-    "average": float, ...}`` (lengths as strings in JSON)."""
+    Every (task, length) cell is checked before any decoding: a cell whose prompt cannot
+    fit its length is skipped (score None; listed in ``skipped`` with the reason) and the
+    others run. Raises a :class:`RulerError` when no cell fits.
+
+    Returns ``{"scores": {task: mean over the lengths it ran at, or None},
+    "by_length": {length: {task: score or None}}, "average": mean over the cells that ran,
+    "cells": {"ran": n, "skipped": k}, "skipped": [{"task", "length", "reason",
+    "min_length"}], ...}`` (lengths as strings in JSON)."""
     task_names = parse_tasks(tasks)
     lengths = [int(x) for x in lengths]
     max_len = getattr(getattr(model, "cfg", None), "max_seq_len", None)
+    max_len = int(max_len) if max_len is not None else None
     for L in lengths:
-        if max_len is not None and L > int(max_len):
+        if max_len is not None and L > max_len:
             raise _user_error(f"length {L} is above the model's model.max_seq_len={max_len}; evaluate at <= {max_len} "
                               f"(extend the context first: stage=extend)")
     if any(t in ESSAY_TASKS for t in task_names):
         _essay_words(haystack_docs)  # fail early, before any decoding
-    by_length: dict[str, dict[str, float]] = {}
+    skipped: dict[tuple[int, str], PromptTooLong] = {}
+    for L in lengths:  # every cell up front: generating prompts is cheap, decoding is not
+        for t in task_names:
+            why = check_fits(t, tokenizer, L, samples, seed, haystack_docs, max_new_tokens)
+            if why is not None:
+                skipped[(L, t)] = why
+    if len(skipped) == len(lengths) * len(task_names):
+        raise _user_error(_nothing_fits(skipped, lengths, task_names, max_len))
+    for (L, t), why in skipped.items():
+        log(_skip_line(t, L, why, max_len))
+    by_length: dict[str, dict[str, Optional[float]]] = {str(L): {} for L in lengths}
     records: list[dict] = []
     t0 = time.time()
     for L in lengths:
-        by_length[str(L)] = {}
         for t in task_names:
+            if (L, t) in skipped:
+                by_length[str(L)][t] = None
+                continue
             t1 = time.time()
-            ss = generate(t, tokenizer, L, samples, seed, haystack_docs, max_new_tokens)
+            try:
+                ss = generate(t, tokenizer, L, samples, seed, haystack_docs, max_new_tokens)
+            except PromptTooLong as why:  # a filled prompt the up-front check could not foresee
+                skipped[(L, t)] = why
+                by_length[str(L)][t] = None
+                log(_skip_line(t, L, why, max_len))
+                continue
             preds = predict(model, tokenizer, ss, batch_size=batch_size)
             scores = [TASKS[t].score(p, s.references) for p, s in zip(preds, ss)]
             by_length[str(L)][t] = sum(scores) / max(1, len(scores))
             for s, p, sc in zip(ss, preds, scores):
                 records.append({**s.to_json(), "prediction": p, "score": sc})
             log(f"  {t:<16} {L:>7}  {by_length[str(L)][t]:.3f}  ({len(ss)} samples, {time.time() - t1:.1f}s)")
-    scores = {t: sum(by_length[str(L)][t] for L in lengths) / len(lengths) for t in task_names}
+    ran = [v for row in by_length.values() for v in row.values() if v is not None]
+    if not ran:
+        raise _user_error(_nothing_fits(skipped, lengths, task_names, max_len))
+    scores: dict[str, Optional[float]] = {}
+    for t in task_names:
+        got = [by_length[str(L)][t] for L in lengths if by_length[str(L)][t] is not None]
+        scores[t] = sum(got) / len(got) if got else None
     result = {
         **(names or {}),
         "suite": "ruler-offline",
@@ -714,7 +800,10 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = "all", lengths: Sequ
         "seed": seed,
         "scores": scores,
         "by_length": by_length,
-        "average": sum(scores.values()) / len(scores),
+        "average": sum(ran) / len(ran),
+        "cells": {"ran": len(ran), "skipped": len(skipped)},
+        "skipped": [{"task": t, "length": L, "reason": why.detail, "min_length": why.needed}
+                    for L in lengths for t in task_names for why in [skipped.get((L, t))] if why is not None],
         "seconds": round(time.time() - t0, 1),
     }
     log(format_table(result))
@@ -731,31 +820,93 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = "all", lengths: Sequ
     return result
 
 
+def _skip_line(task: str, length: int, why: PromptTooLong, max_len: Optional[int]) -> str:
+    if why.needed is None:
+        advice = "it needs a longer length"
+    elif max_len is not None and why.needed > max_len:
+        advice = (f"it needs a length of about {why.needed}, above the model's max_seq_len={max_len} "
+                  f"(extend the context first: stage=extend)")
+    else:
+        advice = f"it needs --lengths of about {why.needed} or more"
+    return f"  skipped {task} at length {length}: {why.detail}; {advice}"
+
+
+def _nothing_fits(skipped: dict, lengths: list[int], tasks: list[str], max_len: Optional[int]) -> str:
+    longest = max(lengths)
+    need = {t: skipped[(longest, t)].needed if (longest, t) in skipped else None for t in tasks}
+    shown = ", ".join(f"{t} {n}" if n else f"{t} more" for t, n in need.items())
+    known = [n for n in need.values() if n]
+    if max_len is not None:
+        fitting = [t for t, n in need.items() if n and n <= max_len]
+        if fitting:
+            fix = (f"these need no more than the model's max_seq_len={max_len}: try --lengths {max_len} "
+                   f"--tasks {','.join(fitting)}")
+        else:
+            fix = (f"none of them fits the model's max_seq_len={max_len}: extend its context first "
+                   f"(stage=extend), then evaluate at the longer length")
+    else:
+        fix = f"use --lengths of about {max(known)} or more" if known else "use longer --lengths"
+    task_list = "all" if tuple(tasks) == TASK_NAMES else ",".join(tasks)
+    return (f"no RULER task fits --lengths {','.join(map(str, lengths))} (--tasks {task_list}): each prompt "
+            f"plus its answer needs more tokens than the length (at least: {shown}); {fix}")
+
+
 def _atomic_json(path: Path, obj: Any) -> None:
     from mixtrain.files import atomic_write_text
 
     atomic_write_text(path, json.dumps(obj, indent=2))
 
 
+def _mean(values: Sequence[Optional[float]]) -> Optional[float]:
+    got = [v for v in values if v is not None]
+    return sum(got) / len(got) if got else None
+
+
 def format_table(result: dict) -> str:
+    """Tasks x lengths; a skipped cell (prompt longer than the length) shows "-", and the
+    averages are over the cells that ran (a note says so when any was skipped)."""
     lengths = [str(x) for x in result["lengths"]]
+    tasks = result["tasks"]
+    cell = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
     head = ["task"] + [_k(int(x)) for x in lengths] + ["mean"]
-    rows = [[t] + [f"{result['by_length'][L][t]:.2f}" for L in lengths] + [f"{result['scores'][t]:.2f}"]
-            for t in result["tasks"]]
-    avg = [sum(result["by_length"][L][t] for t in result["tasks"]) / len(result["tasks"]) for L in lengths]
-    rows.append(["average"] + [f"{a:.2f}" for a in avg] + [f"{result['average']:.2f}"])
+    rows = [[t] + [cell(result["by_length"][L].get(t)) for L in lengths] + [cell(result["scores"].get(t))]
+            for t in tasks]
+    avg = [_mean([result["by_length"][L].get(t) for t in tasks]) for L in lengths]
+    rows.append(["average"] + [cell(a) for a in avg] + [cell(result["average"])])
     widths = [max(len(r[c]) for r in [head] + rows) for c in range(len(head))]
     line = lambda r: "  ".join(x.ljust(w) if c == 0 else x.rjust(w) for c, (x, w) in enumerate(zip(r, widths)))  # noqa: E731
     title = f"RULER (offline) {result.get('name') or result.get('model') or ''} {result.get('layout') or ''}".rstrip()
-    return "\n".join([title, line(head), "-" * len(line(head))] + [line(r) for r in rows])
+    out = [title, line(head), "-" * len(line(head))] + [line(r) for r in rows]
+    skipped = result.get("skipped") or []
+    if skipped:
+        total, gone = len(tasks) * len(lengths), []
+        for L in lengths:
+            names = [s["task"] for s in skipped if str(s["length"]) == L]
+            if names:
+                gone.append(f"{_k(int(L))}: " + (f"all {len(tasks)} tasks" if len(names) == len(tasks) and
+                                                 len(tasks) > 1 else ", ".join(names)))
+        ran = ", ".join(f"{_k(int(L))}: {sum(result['by_length'][L].get(t) is not None for t in tasks)} of "
+                        f"{len(tasks)} tasks" for L in lengths)
+        out.append("skipped, prompt longer than the length (-): " + "; ".join(gone))
+        out.append(f"averages are over the {total - len(skipped)} of {total} (task, length) cells that ran ({ran})")
+    return "\n".join(out)
 
 
 def _k(n: int) -> str:
     return f"{n // 1024}K" if n % 1024 == 0 and n >= 1024 else str(n)
 
 
+def heatmap_grid(result: dict):
+    """Scores as a tasks x lengths float array, NaN where a cell was skipped."""
+    import numpy as np
+
+    lengths = [str(x) for x in result["lengths"]]
+    return np.array([[np.nan if result["by_length"][L].get(t) is None else float(result["by_length"][L][t])
+                      for L in lengths] for t in result["tasks"]], dtype=float)
+
+
 def heatmap(result: dict, path: str | Path) -> Path:
-    """PNG heatmap of task x length scores."""
+    """PNG heatmap of task x length scores; a skipped cell is blank, marked "-"."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -763,17 +914,23 @@ def heatmap(result: dict, path: str | Path) -> Path:
     import numpy as np
 
     tasks, lengths = result["tasks"], [str(x) for x in result["lengths"]]
-    grid = np.array([[result["by_length"][L][t] for L in lengths] for t in tasks])
+    grid = heatmap_grid(result)
     fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 0.9 + 0.38 * len(tasks)))
-    im = ax.imshow(grid, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
+    cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="white")
+    im = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(lengths)), [_k(int(x)) for x in lengths])
     ax.set_yticks(range(len(tasks)), tasks)
     for r in range(len(tasks)):
         for c in range(len(lengths)):
-            ax.text(c, r, f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=8)
+            ax.text(c, r, "-" if np.isnan(grid[r, c]) else f"{grid[r, c]:.2f}", ha="center", va="center", fontsize=8)
     ax.set_xlabel("context length (tokens)")
     name = " ".join(str(result[k]) for k in ("name", "layout") if result.get(k))
-    ax.set_title(f"RULER {name} (avg {result['average']:.2f})", fontsize=9)
+    n_skipped = len(result.get("skipped") or [])
+    if n_skipped:  # "-": the prompt is longer than the length
+        ax.set_title(f"RULER {name}\navg {result['average']:.2f} over {grid.size - n_skipped} of {grid.size} "
+                     f"cells\n(-: skipped, prompt too long)", fontsize=8)
+    else:
+        ax.set_title(f"RULER {name} (avg {result['average']:.2f})", fontsize=9)
     fig.colorbar(im, ax=ax, fraction=0.05)
     fig.tight_layout()
     from mixtrain.report import save_figure
@@ -801,11 +958,12 @@ def log_to_wandb(result: dict, image: Optional[Path], force: Optional[bool] = No
                    name=f"eval-{result.get('name') or 'model'}",
                    dir=str(image.parent) if image else None, config={k: result.get(k) for k in ("name", "layout", "model")})
         started = True
-    data = {f"{prefix}/{t}": s for t, s in result["scores"].items()}
+    data = {f"{prefix}/{t}": s for t, s in result["scores"].items() if s is not None}  # not the skipped
     data[f"{prefix}/average"] = result["average"]
     for L, row in result["by_length"].items():
         for t, s in row.items():
-            data[f"{prefix}/{L}/{t}"] = s
+            if s is not None:
+                data[f"{prefix}/{L}/{t}"] = s
     table = wandb.Table(columns=["task"] + [str(x) for x in result["lengths"]],
                         data=[[t] + [result["by_length"][str(L)][t] for L in result["lengths"]] for t in result["tasks"]])
     data[f"{prefix}/table"] = table
