@@ -43,7 +43,7 @@ def _train_main() -> None:
     """
     import hydra
 
-    from mixtrain.config import RECIPES_PACKAGE, run_stamp, setup_hydra
+    from mixtrain.config import RECIPES_PACKAGE, run_stamp, setup_hydra, whole_numbers_in_overrides
 
     def _sweep_overrides(argv: list[str]) -> list[str]:
         """Extra Hydra overrides for a sweep, added unless the user set them.
@@ -89,7 +89,7 @@ def _train_main() -> None:
     # Every job of a sweep (and every SLURM task a submitit launcher starts on another
     # machine, which inherits the environment) must agree on the sweep's stamp.
     os.environ.setdefault("MIXTRAIN_RUN_STAMP", run_stamp())
-    sys.argv = [sys.argv[0], *_sweep_overrides(sys.argv[1:])]
+    sys.argv = [sys.argv[0], *_sweep_overrides(whole_numbers_in_overrides(sys.argv[1:]))]
     failed: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{RECIPES_PACKAGE}", config_name="train")
@@ -165,13 +165,16 @@ def _layout_main(argv: list[str]) -> int:
         description="Show a layout as the model would use it: one row per layer, KV cache bytes "
         "against the standard layout, parameter counts. Takes the same overrides as `mixtrain train`.",
     )
-    parser.add_argument("--context", type=int, default=None, help="also report this context length (tokens)")
+    from mixtrain.infer.cli import positive_int
+
+    parser.add_argument("--context", type=positive_int, default=None,
+                        help="also report this context length (tokens, 1 or more)")
     parser.add_argument("--json", action="store_true", help="print one JSON object instead of the report")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=paper_moe layout=ma_offset")
     args = parser.parse_args(argv)
 
     from mixtrain.config import compose
-    from mixtrain.layouts import LayoutError, build_layout, diagram
+    from mixtrain.layouts import build_layout, diagram
     from mixtrain.report import format_layout_summary, layout_summary
 
     try:
@@ -179,13 +182,14 @@ def _layout_main(argv: list[str]) -> int:
     except Exception as e:  # Hydra's composition errors name the key
         print(f"mixtrain layout: error: {e}", file=sys.stderr)
         return 2
-    try:
-        layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
-    except LayoutError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    from mixtrain.train.run import check_model_config
+
+    # The same checks as `mixtrain train`: no report for a model that cannot be built.
+    # A UserError (LayoutError included) is printed by main() as `mixtrain layout: error: ...`.
+    check_model_config(cfg.model)
+    layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
     contexts = [4096, 32768, 131072]
-    if args.context and args.context not in contexts:
+    if args.context is not None and args.context not in contexts:
         contexts.append(args.context)
     summary = layout_summary(cfg.model, layout, contexts=tuple(sorted(contexts)), context=args.context)
     if args.json:

@@ -404,14 +404,17 @@ _KIND_WORDS = {"global": "global", "g": "global", "sliding": "sliding", "s": "sl
                "local": "sliding"}
 
 
-def _abs_ref(i: int, ref: Any, what: str, where: str) -> int:
+def _abs_ref(i: int, ref: Any, what: str, where: str, written: Optional[str] = None) -> int:
+    """Layer ``i``'s reference ``ref`` (absolute >= 0, or negative relative to ``i``) as an
+    absolute layer index. ``what`` names the reference in messages; ``written`` is how it
+    reads with its value (default ``what=ref``; give it when ``what`` already shows the value)."""
     if not _is_int(ref):
         raise LayoutError("%s: %s must be an integer layer index (absolute >= 0, or negative "
                           "relative like -1), got %r." % (where, what, ref))
     k = i + ref if ref < 0 else ref
     if k < 0:
-        raise LayoutError("%s: %s %d points to layer %d, before layer 0; a relative "
-                          "reference -k must satisfy k <= %d." % (where, what, ref, k, i))
+        raise LayoutError("%s: %s points to layer %d, before the first layer (layer 0); a relative "
+                          "reference -k must satisfy k <= %d." % (where, written or "%s=%d" % (what, ref), k, i))
     if k == i:
         raise LayoutError("%s: %s points to the layer itself (layer %d); a layer can only "
                           "reuse an earlier layer (drop the suffix to make it a producer)."
@@ -442,9 +445,10 @@ def _parse_entry(i: int, entry: Any, window: int, where: str) -> LayerSpec:
             if (op == "<" and kv is not None) or (op == "^" and attn is not None):
                 raise LayoutError("%s: %r repeats the %s suffix; %s." % (where, entry, op, GRAMMAR))
             if op == "<":
-                kv = _abs_ref(i, int(ref), "KV reuse '<%s'" % ref, where)
+                kv = _abs_ref(i, int(ref), "KV reuse '<%s'" % ref, where, written="KV reuse '<%s'" % ref)
             else:
-                attn = _abs_ref(i, int(ref), "shared attention '^%s'" % ref, where)
+                attn = _abs_ref(i, int(ref), "shared attention '^%s'" % ref, where,
+                                written="shared attention '^%s'" % ref)
     elif isinstance(entry, Mapping):
         unknown = [k for k in entry if k not in _DICT_KEYS]
         if unknown:
@@ -511,6 +515,17 @@ def parse_blocks(blocks: Sequence[Any], window: int, name: str = "blocks") -> La
     return validate(Layout(name, tuple(specs)))
 
 
+def _deepest(mapping: Mapping[Any, Any]) -> int:
+    """The depth a shared_attention map needs: 1 + its largest layer index."""
+    keys = []
+    for key in mapping:
+        try:
+            keys.append(int(key))
+        except (TypeError, ValueError):
+            pass
+    return max(keys, default=-1) + 1
+
+
 def apply_shared_attention(layout: Layout, mapping: Mapping[Any, Any]) -> Layout:
     """Mark layers as reusing attention probabilities: ``{i: j}`` (j absolute or
     negative relative to i). Returns the validated, resolved layout."""
@@ -521,10 +536,12 @@ def apply_shared_attention(layout: Layout, mapping: Mapping[Any, Any]) -> Layout
         except (TypeError, ValueError):
             raise LayoutError("layout.shared_attention: key %r is not a layer index." % (key,)) from None
         if i < 0 or i >= len(specs):
+            hint = ("; this map is written for a deeper model: set model.n_layers to at least %d, or "
+                    "pick a model recipe of that depth" % _deepest(mapping)) if i >= len(specs) else ""
             raise LayoutError("layout.shared_attention: layer %d does not exist (the layout has "
-                              "%d layers, 0..%d)." % (i, len(specs), len(specs) - 1))
-        j = _abs_ref(i, ref, "the shared attention source %r" % (ref,),
-                     "layout.shared_attention, layer %d" % i)
+                              "%d layers, 0..%d)%s." % (i, len(specs), len(specs) - 1, hint))
+        j = _abs_ref(i, ref, "the shared attention source", "layout.shared_attention, layer %d" % i,
+                     written="the shared attention source %r" % (ref,))
         specs[i] = dataclasses.replace(specs[i], attn_source=j)
     return validate(Layout(layout.name, tuple(specs)))
 
@@ -619,7 +636,7 @@ def from_foundry(block_overrides: Mapping[str, Any], n_layers: Optional[int] = N
                 if not _is_int(r) or r >= 0:
                     raise LayoutError("%s: reuse_kv_layer_idx must be a negative relative index "
                                       "(-1 = previous layer), got %r." % (where, r))
-                kv = _abs_ref(i, r, "reuse_kv_layer_idx %d" % r, where)
+                kv = _abs_ref(i, r, "reuse_kv_layer_idx", where)
                 if "sliding_window_size" not in ac:
                     kind, win = specs[kv].kind, specs[kv].window
         specs.append(LayerSpec(kind, win, kv))

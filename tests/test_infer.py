@@ -350,3 +350,28 @@ def test_cached_decode_with_cla_kv_norm(name):
     ids = ids_for(3 * W + 2, B=2)
     got, _ = cached_logits(model, ids, n_prompt=5, chunk=3)
     torch.testing.assert_close(got, model(ids).logits, atol=ATOL, rtol=0)
+
+
+def test_generate_and_export_name_a_missing_model_or_a_run_without_checkpoints(tmp_path, capsys):
+    """A missing --model path is reported as missing (not as a missing tokenizer), and a run
+    directory that has not written a checkpoint yet is reported as such by generate and export."""
+    from mixtrain.cli import main
+
+    missing = tmp_path / "runs" / "nonexist"
+    for prompt in (["--prompt", "x"], ["--prompt-ids", "1,2"]):
+        assert main(["generate", "--model", str(missing), *prompt]) == 2
+        assert capsys.readouterr().err == (
+            f"mixtrain generate: error: {missing} does not exist: give a run directory, a checkpoint, "
+            "or an exported model folder\n")
+    run = tmp_path / "runs" / "fresh"  # what `mixtrain train` leaves before its first checkpoint
+    run.mkdir(parents=True)
+    (run / "config.yaml").write_text("model: {}\n")
+    want = (f"{run} is a run directory with no checkpoint yet (nothing under checkpoints/): "
+            "train it first, or pass a checkpoint path\n")
+    assert main(["export", str(run)]) == 2
+    assert capsys.readouterr().err == "mixtrain export: error: " + want
+    (run / "checkpoints").mkdir()
+    assert main(["export", str(run)]) == 2
+    assert capsys.readouterr().err == "mixtrain export: error: " + want
+    assert main(["generate", "--model", str(run), "--prompt", "x"]) == 2
+    assert capsys.readouterr().err == "mixtrain generate: error: " + want

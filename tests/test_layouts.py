@@ -224,7 +224,7 @@ MALFORMED = [
     # (layout config, n_layers, words that must appear in the message)
     ({"layers": ["G", "s", "s<2", "s", "s", "s"]}, 6, ["layer 2", "itself", "earlier layer"]),
     ({"layers": ["G", "s<3", "s", "s", "s", "s"]}, 6, ["layer 1", "later layer (3)"]),
-    ({"layers": ["G", "s<-2", "s", "s", "s", "s"]}, 6, ["layer 1", "before layer 0"]),
+    ({"layers": ["G", "s<-2", "s", "s", "s", "s"]}, 6, ["layer 1", "before the first layer (layer 0)"]),
     ({"layers": ["G", "s", "G<1", "s", "s", "s"]}, 6, ["layer 2 (global)", "layer 1 (sliding, W=16)", "same attention kind and window"]),
     ({"layers": ["G", "s32", "s<1", "s", "s", "s"]}, 6, ["layer 2 (sliding, W=16)", "layer 1 (sliding, W=32)", "window"]),
     ({"layers": ["G", "s0", "s", "s", "s", "s"]}, 6, ["layer 1", "window", ">= 1"]),
@@ -263,6 +263,35 @@ def test_malformed_layouts(cfg, n_layers, words):
     msg = bad_case(cfg, n_layers)
     for w in words:
         assert w in msg, (w, msg)
+
+
+def test_reference_before_the_first_layer_reads_cleanly():
+    """The message names the layer and shows the reference once, as written."""
+    assert bad_case({"layers": ["G", "s<-7", "s", "s", "s", "s"]}) == (
+        "layout.layers, layer 1: KV reuse '<-7' points to layer -6, before the first layer (layer 0); "
+        "a relative reference -k must satisfy k <= 1.")
+    assert bad_case({"layers": ["G", {"kind": "sliding", "kv": -7}, "s", "s", "s", "s"]}) == (
+        "layout.layers, layer 1: kv=-7 points to layer -6, before the first layer (layer 0); "
+        "a relative reference -k must satisfy k <= 1.")
+    assert bad_case({"preset": "standard", "shared_attention": {2: -7}}) == (
+        "layout.shared_attention, layer 2: the shared attention source -7 points to layer -5, before the "
+        "first layer (layer 0); a relative reference -k must satisfy k <= 2.")
+
+
+def test_shared_attention_example_says_its_depth():
+    """Written for 24 layers: on the 6-layer default model the error says what depth it needs,
+    and the recipe's header names a command that works."""
+    raw = OmegaConf.load(RECIPES / "shared_attention_example.yaml")
+    assert bad_case(raw, 6) == (
+        "layout.shared_attention: layer 14 does not exist (the layout has 6 layers, 0..5); this map is "
+        "written for a deeper model: set model.n_layers to at least 16, or pick a model recipe of that depth.")
+    header = (RECIPES / "shared_attention_example.yaml").read_text()
+    assert "24-layer" in header and "mixtrain layout model=paper_moe layout=shared_attention_example" in header
+    from mixtrain.config import compose
+
+    cfg = compose(["model=paper_moe", "layout=shared_attention_example"])
+    assert cfg.model.n_layers == 24
+    assert build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window).n_layers == 24
 
 
 def test_validate_rejects_unresolvable_specs():

@@ -123,6 +123,26 @@ def test_commands_explain_bad_input(tmp_path):
     assert proc.returncode != 0 and "d_modle" in proc.stderr
 
 
+def test_layout_command_refuses_a_bad_context_and_an_unbuildable_model(capsys):
+    """`mixtrain layout` checks --context and the model as `mixtrain train` does, before any report."""
+    from mixtrain.cli import main
+
+    for bad in ("0", "-5"):
+        with pytest.raises(SystemExit) as e:
+            main(["layout", "--context", bad])
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.endswith(f"mixtrain layout: error: argument --context: {bad} is not positive (give 1 or more)\n")
+    assert main(["layout", "model.n_kv_heads=3"]) == 2
+    out = capsys.readouterr()
+    assert out.out == ""
+    assert out.err == "mixtrain layout: error: model.n_heads=4 must be a multiple of model.n_kv_heads=3 (GQA groups)\n"
+    assert main(["layout", "model.vocab_size=0"]) == 2
+    assert capsys.readouterr().err == "mixtrain layout: error: model.vocab_size=0 must be at least 1\n"
+    assert main(["layout", "--json", "--context", "1000"]) == 0
+    assert 1000 in [r["context"] for r in json.loads(capsys.readouterr().out)["contexts"]]
+
+
 def test_users_add_their_own_recipe_folder(tmp_path, monkeypatch):
     (tmp_path / "layout").mkdir()
     (tmp_path / "layout" / "my_pairs.yaml").write_text("layers: [G, s, s<-1, s, s<-1, G<0]\n")
@@ -130,3 +150,12 @@ def test_users_add_their_own_recipe_folder(tmp_path, monkeypatch):
     cfg = compose(["model=tiny", "layout=my_pairs"])
     layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
     assert [l.kv_source for l in layout.layers] == [0, 1, 1, 3, 3, 0]
+
+
+def test_whole_numbers_in_scientific_notation_fill_integer_settings():
+    from mixtrain.config import whole_numbers_in_overrides
+
+    cfg = compose(["train.max_tokens=2e9", "model.rope_theta=5e5", "optim.lr=3e-4"])
+    assert (cfg.train.max_tokens, cfg.model.rope_theta, cfg.optim.lr) == (2_000_000_000, 500000.0, 3e-4)
+    assert whole_numbers_in_overrides(["train.max_tokens=1e6,2.5e6", "a=1.5e0", "-m", "hydra.x=1e3"]) == [
+        "train.max_tokens=1000000,2500000", "a=1.5e0", "-m", "hydra.x=1e3"]

@@ -126,6 +126,10 @@ def _generate(args: argparse.Namespace) -> int:
     from mixtrain.infer.generate import Engine
     from mixtrain.report import human_bytes
 
+    if args.model is not None:  # a missing path or a run without a checkpoint, before the tokenizer lookup
+        from mixtrain.train.export import resolve_checkpoint
+
+        resolve_checkpoint(args.model)
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
     try:

@@ -20,16 +20,37 @@ def _strip_prefix(state_dict: dict[str, Any], prefix: str = "model.") -> dict[st
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
 
 
-def _resolve_checkpoint(source: str | os.PathLike) -> Path:
-    from mixtrain.train.checkpoint import latest_checkpoint
+# Files `mixtrain train` writes into a run directory before its first checkpoint
+# (checkpoints/ itself appears when training starts).
+_RUN_DIR_MARKERS = ("checkpoints", "config.yaml", "result.json", ".hydra", "wandb_id")
+
+
+def is_run_dir(path: Path) -> bool:
+    """A folder ``mixtrain train`` made (``checkpoints/``, ``config.yaml``, ``result.json``,
+    ``.hydra/`` or ``wandb_id``), not an exported model folder or a sharded checkpoint."""
+    if not path.is_dir() or (path / "model.safetensors").is_file() or (path / ".metadata").is_file():
+        return False
+    return any((path / name).exists() for name in _RUN_DIR_MARKERS)
+
+
+def resolve_checkpoint(source: str | os.PathLike) -> Path:
+    """What a model source names: the newest complete checkpoint of a run directory, else
+    the path itself (a checkpoint, an exported folder, a ``.safetensors`` file). A missing
+    path or a run directory without a checkpoint is a UserError saying so (``mixtrain
+    export`` and ``mixtrain generate --model`` check it before anything else)."""
+    from mixtrain.train.checkpoint import latest_checkpoint, list_checkpoints
 
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run directory, a checkpoint, or an exported model folder")
-    if path.is_dir() and (path / "checkpoints").is_dir():
+    if is_run_dir(path):
+        if not list_checkpoints(path):
+            raise UserError(f"{path} is a run directory with no checkpoint yet (nothing under checkpoints/): "
+                            f"train it first, or pass a checkpoint path")
         ckpt = latest_checkpoint(path)
         if ckpt is None:
-            raise UserError(f"run directory {path} has no complete checkpoint under {path / 'checkpoints'}")
+            raise UserError(f"run directory {path} has no complete checkpoint under {path / 'checkpoints'} "
+                            f"(every one there is damaged, not a complete archive)")
         return ckpt
     return path
 
@@ -38,7 +59,7 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
     """Model weights (unsharded, un-prefixed) and the resolved config (if recorded)
     from a run directory, a Lightning checkpoint (file or sharded directory), an
     exported folder or a ``.safetensors`` file."""
-    path = _resolve_checkpoint(source)
+    path = resolve_checkpoint(source)
     if path.is_dir() and (path / "model.safetensors").is_file():
         from safetensors.torch import load_file
 
@@ -50,7 +71,8 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
         return load_file(path), None
     if path.is_dir():  # a sharded (distributed) checkpoint written under FSDP
         if not (path / ".metadata").is_file():
-            raise UserError(f"{path} is a folder but not a complete sharded checkpoint (no .metadata file)")
+            raise UserError(f"{path} is a folder but not a run directory, an exported model folder (no "
+                            f"model.safetensors) or a complete sharded checkpoint (no .metadata file)")
         from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
 
         with tempfile.TemporaryDirectory() as tmp:
@@ -73,7 +95,7 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     if cfg is None:
         raise UserError(f"{source} carries no mixtrain config; export needs a checkpoint written by mixtrain train")
     src = Path(source)
-    out_dir = Path(out) if out else (src if src.is_dir() and (src / "checkpoints").is_dir() else src.parent) / "export"
+    out_dir = Path(out) if out else (src if is_run_dir(src) else run_dir_of_path(src)) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each weight is its own tensor (a tied head is the embedding itself, not a copy).
     tensors = {k: v.contiguous() for k, v in state.items()}
