@@ -33,7 +33,7 @@ from typing import Any, Iterator
 
 from mixtrain.config import DataConfig
 from mixtrain.errors import UserError
-from mixtrain.files import atomic_write_text  # noqa: F401 (re-exported for the data modules)
+from mixtrain.files import atomic_write_text
 
 EMBEDDED_FORMAT = 1  # bump when the extraction below changes
 TEXT_SUFFIXES = (".txt", ".md", ".text")
@@ -249,7 +249,8 @@ def check_utf8(path: Path, chunk: int = 1 << 20) -> None:
             offset += len(block)
 
 
-def _short_repr(value: Any, limit: int = 60) -> str:
+def short_repr(value: Any, limit: int = 60) -> str:
+    """``repr(value)``, cut to ``limit`` characters for an error message."""
     r = repr(value)
     return r if len(r) <= limit else r[: limit - 3] + "..."
 
@@ -261,7 +262,7 @@ def _not_text(value: Any) -> bool:
 
 def _text_type_error(where: str, field: str, value: Any) -> DataError:
     return DataError(
-        f"{where}: data.text_field={field!r} holds a value of type {type(value).__name__} ({_short_repr(value)}), "
+        f"{where}: data.text_field={field!r} holds a value of type {type(value).__name__} ({short_repr(value)}), "
         f"not a string; make it a string (null skips the record) or set data.text_field to the field holding the text"
     )
 

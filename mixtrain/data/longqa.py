@@ -59,7 +59,15 @@ from typing import Any, Callable, Optional
 import numpy as np
 import torch
 
-from mixtrain.data.corpus import DataError, as_data_config, cache_root, corpus_identity, load_documents, short_hash
+from mixtrain.data.corpus import (
+    DataError,
+    as_data_config,
+    cache_root,
+    corpus_identity,
+    load_documents,
+    short_hash,
+    short_repr,
+)
 from mixtrain.data.pretrain import commit_build, split_documents
 from mixtrain.data.tokenizer import Tok, get_tokenizer
 
@@ -150,7 +158,7 @@ def offline_generator(name: str) -> Callable[[str, random.Random], tuple[str, st
         if not callable(gen):
             raise LongQAError(
                 f"data.qa_generator={name!r}: {module}.{fn} is a value of type {type(gen).__name__} "
-                f"({_short_repr(gen)}), not a function; name a function {GENERATOR_SIGNATURE}"
+                f"({short_repr(gen)}), not a function; name a function {GENERATOR_SIGNATURE}"
             )
         return gen
     raise LongQAError(
@@ -176,11 +184,6 @@ class QAItem:
     @property
     def cost(self) -> int:
         return len(self.context) + len(self.question_ids) + len(self.answer_ids)
-
-
-def _short_repr(value: Any, limit: int = 60) -> str:
-    r = repr(value)
-    return r if len(r) <= limit else r[: limit - 3] + "..."
 
 
 def _answer_text(value: Any) -> Optional[str]:
@@ -232,14 +235,14 @@ def _generated(generator: str, got: Any, chunk: int, doc: int) -> Optional[tuple
         return None
     problem = None
     if not isinstance(got, (tuple, list)):
-        problem = f"a value of type {type(got).__name__} ({_short_repr(got)})"
+        problem = f"a value of type {type(got).__name__} ({short_repr(got)})"
     elif len(got) != 3:
-        problem = f"a {type(got).__name__} of {len(got)} item(s) ({_short_repr(got)})"
+        problem = f"a {type(got).__name__} of {len(got)} item(s) ({short_repr(got)})"
     else:
         for name, value in zip(("context", "question", "answer"), got):
             if not isinstance(value, str):
                 problem = (f"a {type(got).__name__} whose {name} is of type {type(value).__name__} "
-                           f"({_short_repr(value)})")
+                           f"({short_repr(value)})")
                 break
     if problem is None:
         return tuple(got)
@@ -259,7 +262,7 @@ def offline_pairs(texts: list[str], tok: Tok, chunk_tokens: int, generator: str,
         except Exception as e:  # noqa: BLE001 (a user's function: say which setting and chunk)
             raise LongQAError(
                 f"data.qa_generator={generator!r} raised {type(e).__name__}: {e} on chunk {i} (document {doc}, "
-                f"{len(text)} characters: {_short_repr(text, 40)}); fix the function, called as {GENERATOR_SIGNATURE}"
+                f"{len(text)} characters: {short_repr(text, 40)}); fix the function, called as {GENERATOR_SIGNATURE}"
             ) from e
         got = _generated(generator, got, i, doc)
         if got is None:
@@ -315,7 +318,7 @@ def plugin_pairs(c) -> list[tuple[int, str, str, str]]:
         if not isinstance(r, dict):
             raise LongQAError(
                 f"{where}: a QA record must be a JSON object with the fields {list(fields)}, "
-                f"not a {type(r).__name__} ({_short_repr(r)}); fix the record"
+                f"not a {type(r).__name__} ({short_repr(r)}); fix the record"
             )
         missing = [f for f in fields if f not in r]
         if missing:
@@ -327,14 +330,14 @@ def plugin_pairs(c) -> list[tuple[int, str, str, str]]:
             if r[field] is not None and not isinstance(r[field], str):
                 raise LongQAError(
                     f"{where}: {setting}={field!r} holds a value of type {type(r[field]).__name__} "
-                    f"({_short_repr(r[field])}), not a string; make it a string (null skips the record) "
+                    f"({short_repr(r[field])}), not a string; make it a string (null skips the record) "
                     f"or set {setting}"
                 )
         answer = _answer_text(r[fields[2]])
         if answer is None:
             raise LongQAError(
                 f"{where}: data.qa_answer_field={fields[2]!r} holds a value of type {type(r[fields[2]]).__name__} "
-                f"({_short_repr(r[fields[2]])}); an answer must be "
+                f"({short_repr(r[fields[2]])}); an answer must be "
                 f"a string or number, a list of them or {{\"text\": [...]}} (null skips the record); fix the record "
                 f"or set data.qa_answer_field"
             )

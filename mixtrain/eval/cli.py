@@ -160,8 +160,9 @@ def run(args) -> int:
         )
     tok = find_tokenizer(args.model, cfg)
     src = Path(args.model)
-    out_dir = Path(args.out) if args.out else (run_dir_of_path(src) if (run_dir_of_path(src) / "checkpoints").is_dir() else
-                                                (src if src.is_dir() else src.parent)) / "eval"
+    run_dir = run_dir_of_path(src)
+    out_dir = Path(args.out) if args.out else (run_dir if (run_dir / "checkpoints").is_dir() else
+                                               (src if src.is_dir() else src.parent)) / "eval"
     names = {
         "model": str(src),
         "name": str(cfg.run.name) if "run" in cfg else src.name,

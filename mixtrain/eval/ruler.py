@@ -787,10 +787,7 @@ def evaluate(model, tokenizer, tasks: Sequence[str] | str = "all", lengths: Sequ
     ran = [v for row in by_length.values() for v in row.values() if v is not None]
     if not ran:
         raise _user_error(_nothing_fits(skipped, lengths, task_names, max_len))
-    scores: dict[str, Optional[float]] = {}
-    for t in task_names:
-        got = [by_length[str(L)][t] for L in lengths if by_length[str(L)][t] is not None]
-        scores[t] = sum(got) / len(got) if got else None
+    scores = {t: _mean([by_length[str(L)][t] for L in lengths]) for t in task_names}
     result = {
         **(names or {}),
         "suite": "ruler-offline",

@@ -502,7 +502,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         enable_model_summary=False,
     )
     if trainer.is_global_zero:
-        OmegaConf.save(cfg, run_dir / "config.yaml")
+        atomic_write_text(run_dir / "config.yaml", OmegaConf.to_yaml(cfg))  # other ranks may be reading it
         print(diagram(layout))
         print(
             f"training {plan['total_steps']} steps of {tokens_per_step:,} tokens "
