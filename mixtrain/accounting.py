@@ -6,7 +6,7 @@ Everything here is a pure function of a :class:`~mixtrain.config.ModelConfig` an
 MFU uses :func:`train_flops_per_token` and :func:`peak_flops`, and the inference
 cache must allocate what :func:`kv_bytes_per_sequence` says.
 
-Which projections a layer owns (``shared/spec/layouts.md``):
+Which projections a layer owns (``docs/layouts.md``):
 
 - a KV *producer* (``kv_source == index``) has ``wq, wk, wv, wo``;
 - a KV *consumer* (``kv_source != index``) has ``wq, wo`` only and caches nothing;

@@ -1,7 +1,7 @@
 """Layer layouts: which layers attend globally or in a sliding window, and which
 layers reuse an earlier layer's KV cache (or attention probabilities).
 
-The specification is ``shared/spec/layouts.md``; this module is its executable form.
+The specification is ``docs/layouts.md``; this module is its executable form.
 Everything here is pure Python (no torch): a layout is built and validated before
 any model exists, and every rule violation raises :class:`LayoutError` with one
 paragraph that names the layer(s), the rule and what to do.
@@ -49,7 +49,7 @@ Kind = Literal["global", "sliding"]
 
 
 class LayoutError(UserError, ValueError):
-    """A layout that breaks a rule of layouts.md. The message names the layer and the rule."""
+    """A layout that breaks a rule of docs/layouts.md. The message names the layer and the rule."""
 
 
 @dataclass(frozen=True)
@@ -184,7 +184,7 @@ def _is_int(x: Any) -> bool:
 
 
 def validate(layout: Layout, n_layers: Optional[int] = None) -> Layout:
-    """Check every rule of layouts.md and return the layout with reference chains
+    """Check every rule of docs/layouts.md and return the layout with reference chains
     resolved to the original producer (5<3, 3<1 gives 5<1). ``layout`` may hold
     chained (unresolved) references. Raises :class:`LayoutError`."""
     name = layout.name

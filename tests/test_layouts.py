@@ -1,4 +1,4 @@
-"""Layouts: every table of shared/spec/layouts.md, presets at other depths, custom
+"""Layouts: every table of docs/layouts.md, presets at other depths, custom
 layouts, llm-foundry import, validation messages, the recipes/layout/*.yaml files."""
 
 from __future__ import annotations

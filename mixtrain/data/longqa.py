@@ -1,6 +1,6 @@
 """Long-context QA examples (the paper's stage 3), built offline from any corpus.
 
-Construction (shared/spec/paper.md, "Long-context QA fine-tuning"):
+Construction (docs/paper.md, "Long-context QA fine-tuning"):
 
 1. Documents (the same sources as pretraining: ``data.source`` embedded/files/hub)
    are tokenised and cut into chunks of ``data.qa_chunk_tokens`` tokens (1024 in the
