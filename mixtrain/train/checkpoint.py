@@ -89,14 +89,44 @@ def _fsync_dir(d: Path) -> None:
         os.close(fd)
 
 
+def retention_plan(
+    checkpoints: list[tuple[int, Path]], keep: int, loadable, protect: Optional[Path] = None
+) -> list[Path]:
+    """Which committed checkpoints to remove so that the newest ``keep`` *complete* ones
+    remain. ``loadable(path)`` says whether one is complete.
+
+    - A damaged checkpoint never counts toward ``keep``: it is removed once a newer
+      complete one exists (it can never be resumed from), and kept otherwise (a later
+      save of its step replaces it).
+    - ``protect`` (the checkpoint this run resumed from) is removed only once a newer
+      complete checkpoint exists.
+    - With no complete checkpoint at all, nothing is removed."""
+    keep = max(1, int(keep))
+    good = [(s, p) for s, p in checkpoints if loadable(p)]
+    if not good:
+        return []
+    newest_good = good[-1][0]
+    remove = [p for s, p in good[:-keep]]
+    remove += [p for s, p in checkpoints if s < newest_good and (s, p) not in good]
+    if protect is not None:
+        protect_step = checkpoint_step(protect)
+        if protect_step is None or newest_good <= protect_step:
+            remove = [p for p in remove if Path(p).resolve() != Path(protect).resolve()]
+    return sorted(remove)
+
+
 class AtomicCheckpoint(L.Callback):
     """Save every ``every_n_steps`` optimizer steps and at the end of training,
-    keeping the newest ``keep`` checkpoints."""
+    keeping the newest ``keep`` complete checkpoints (see :func:`retention_plan`;
+    ``resumed_from`` stays until a newer complete checkpoint exists)."""
 
-    def __init__(self, run_dir: str | os.PathLike, every_n_steps: int, keep: int = 2) -> None:
+    def __init__(
+        self, run_dir: str | os.PathLike, every_n_steps: int, keep: int = 2, resumed_from: Optional[str] = None
+    ) -> None:
         self.dir = checkpoint_dir(run_dir)
         self.every = max(1, int(every_n_steps))
         self.keep = max(1, int(keep))
+        self.resumed_from = Path(resumed_from) if resumed_from else None
         self._last_saved_step = -1
 
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -131,8 +161,12 @@ class AtomicCheckpoint(L.Callback):
                 _remove(final)
             os.replace(tmp, final)  # the commit point
             _fsync_dir(self.dir)
-            for _, old in list_checkpoints(self.dir.parent)[: -self.keep]:
-                _remove(old)
+            if is_loadable(final):  # rotate only once the new checkpoint is known to be complete
+                plan = retention_plan(list_checkpoints(self.dir.parent), self.keep, is_loadable, self.resumed_from)
+                for old in plan:
+                    _remove(old)
+            else:
+                rank_zero_warn(f"checkpoint {final} does not read back as complete; older checkpoints kept")
             rank_zero_info(f"checkpoint saved: {final}")
         trainer.strategy.barrier()
         self._last_saved_step = step

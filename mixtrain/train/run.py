@@ -88,8 +88,12 @@ def check_config(cfg: DictConfig) -> None:
     _choice("trainer.activation_checkpointing", cfg.trainer.activation_checkpointing, ("none", "full", "selective"))
     _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
-    _choice("data.kind", cfg.data.kind, ("pretrain", "longqa"))
+    _choice("data.kind", cfg.data.kind, ("pretrain", "longqa", "recall"))
     check_model_config(cfg.model)
+    if cfg.data.kind == "recall":
+        from mixtrain.data.recall import spec_from_config
+
+        spec_from_config(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)  # settings named before anything is made
     if cfg.data.kind == "longqa":
         from mixtrain.data.longqa import SOURCES, offline_generator
 
@@ -463,7 +467,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         "train_flops_per_token": flops,
     }
     callbacks = [
-        AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints),
+        AtomicCheckpoint(run_dir, cfg.train.save_every_steps, cfg.train.keep_checkpoints, resumed_from=ckpt_path),
         # MFU against the peak of the precision the matmuls run in (FSDP: its bf16 policy).
         ThroughputMonitor(tokens_per_step, flops, dtype="bf16" if on_gpu and (fsdp or precision != "32-true") else "tf32"),
         LayoutRecord(diagram(layout), figures),
@@ -472,6 +476,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     ]
     if cfg.train.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
+    if cfg.data.kind == "recall":  # val/recall_within, val/recall_beyond (also in result.json)
+        from mixtrain.data.recall import RecallValidation
+
+        callbacks.append(RecallValidation(cfg.data.recall_window))
     if cfg.trainer.progress_bar:
         # Redrawing on every batch floods a log file; a terminal gets a live bar.
         callbacks.append(StepProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
