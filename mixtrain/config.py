@@ -106,6 +106,8 @@ class DataConfig:
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
     hub_split: str = "train"
+    # Hub only: true streams records from the hub as they are tokenised; false downloads
+    # the data set to the HF cache first. Local files are always read record by record.
     streaming: bool = False
     text_field: str = "text"
     # Size cap of the embedded corpus in characters (it is built once and cached).
@@ -116,7 +118,14 @@ class DataConfig:
     # Vocabulary size of a trained tokenizer; null takes model.vocab_size.
     vocab_size: Optional[int] = None
     cache_dir: str = "${oc.env:MIXTRAIN_CACHE,${oc.env:HOME}/.cache/mixtrain}"
-    num_proc: int = 1
+    # Processes tokenising in parallel during preparation (null: every core).
+    num_proc: Optional[int] = None
+    # Size of one preparation unit (and so of one shard) in MB of input text.
+    shard_mb: float = 64.0
+    # A mixture: a list of sources, each a dict of data keys (source, paths, hub_name,
+    # text_field, ...) plus weight, e.g. [{paths: [a/*.jsonl], weight: 0.7}, {paths: [b/*.txt],
+    # weight: 0.3}]; the keys above are the defaults of every source. null: one source.
+    sources: Optional[list[Any]] = None
     # DataLoader worker processes (batches are memory-mapped slices: 0 is usually enough).
     num_workers: int = 0
     # Fraction of documents held out for validation (by document, deterministic).
