@@ -61,6 +61,9 @@ class ModelConfig:
     init_std: float = 0.02
     # "auto": FlexAttention on CUDA, SDPA with an explicit mask elsewhere.
     attn_impl: str = "auto"
+    # model=from_hf: the Hugging Face model folder (config.json) the fields above are
+    # derived from (mixtrain/hf/importer.py); null for mixtrain's own recipes.
+    hf_path: Optional[str] = None
 
 
 @dataclass
@@ -325,6 +328,14 @@ def tokenizer_of(source: Any) -> str:
     return str(run_dir_of_path(str(source)) / "tokenizer.json")
 
 
+def _hf_value(path: Any, key: str) -> Any:
+    """``${mixtrain.hf:<HF folder>,<model field>}``: a model field derived from a Hugging
+    Face config.json (recipes/model/from_hf.yaml)."""
+    from mixtrain.hf.importer import hf_value
+
+    return hf_value(path, key)
+
+
 def register_resolvers() -> None:
     from omegaconf import OmegaConf
 
@@ -334,6 +345,8 @@ def register_resolvers() -> None:
         OmegaConf.register_new_resolver("mixtrain.tokenizer_of", tokenizer_of)
     if not OmegaConf.has_resolver("mixtrain.layout_name"):
         OmegaConf.register_new_resolver("mixtrain.layout_name", layout_name)
+    if not OmegaConf.has_resolver("mixtrain.hf"):
+        OmegaConf.register_new_resolver("mixtrain.hf", _hf_value)
 
 
 def search_path_overrides() -> list[str]:
