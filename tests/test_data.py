@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from mixtrain.config import DataConfig
-from mixtrain.data import corpus, pretrain
+from mixtrain.data import corpus, pretrain, shards
 from mixtrain.data.corpus import DataError, embedded_corpus_path, load_documents
 from mixtrain.data.pretrain import PackedDataset, PretrainDataModule, ResumableSampler, prepare
 from mixtrain.data.tokenizer import EOS_TOKEN, get_tokenizer, load_tokenizer_file, train_bpe
@@ -43,6 +43,11 @@ def write_txt(dirpath, docs) -> list[str]:
         p.write_text(d, encoding="utf-8")
         paths.append(str(p))
     return paths
+
+
+# The two readers of a corpus: datasets (tokenizer training, long-QA, perplexity) and the
+# record-by-record stream the shard builder tokenises; both name a bad input the same way.
+READERS = (load_documents, lambda c: list(shards.iter_corpus_texts(c)))
 
 
 @pytest.fixture
@@ -100,9 +105,14 @@ def test_bad_inputs_name_the_problem(tmp_path):
     cache = str(tmp_path / "cache")
 
     def err(**kw) -> str:
-        with pytest.raises(DataError) as e:
-            load_documents(DataConfig(cache_dir=cache, **kw))
-        return str(e.value)
+        """The message of both readers (datasets for a tokenizer/long-QA, the shard builder's stream)."""
+        msgs = []
+        for read in READERS:
+            with pytest.raises(DataError) as e:
+                read(DataConfig(cache_dir=cache, **kw))
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1] or ".docx" in str(kw.get("paths")), msgs  # the stream also reads .zst/.gz
+        return msgs[0]
 
     missing = str(tmp_path / "nope.txt")
     msg = err(source="files", paths=[missing])
@@ -145,9 +155,13 @@ def test_a_text_field_that_is_not_a_string_names_the_file_and_record(tmp_path, m
     tail = "not a string; make it a string (null skips the record) or set data.text_field to the field holding the text"
 
     def err(paths, **kw) -> str:
-        with pytest.raises(DataError) as e:
-            load_documents(DataConfig(source="files", paths=paths, cache_dir=cache, **kw))
-        return str(e.value)
+        msgs = []
+        for read in READERS:
+            with pytest.raises(DataError) as e:
+                read(DataConfig(source="files", paths=paths, cache_dir=cache, **kw))
+            msgs.append(str(e.value))
+        assert msgs[0] == msgs[1], msgs
+        return msgs[0]
 
     good = tmp_path / "good.jsonl"
     good.write_text(json.dumps({"text": "a document"}) + "\n" + json.dumps({"text": None}) + "\n")
@@ -176,9 +190,10 @@ def test_a_text_field_that_is_not_a_string_names_the_file_and_record(tmp_path, m
     hub = datasets.Dataset.from_dict({"text": [None, 3.5]})
     for streaming in (False, True):
         monkeypatch.setattr(corpus, "_load_hub", lambda c: hub.to_iterable_dataset() if streaming else hub)
-        with pytest.raises(DataError) as e:
-            list(load_documents(DataConfig(source="hub", hub_name="org/set", streaming=streaming, cache_dir=cache)))
-        assert str(e.value) == (
+        for read in READERS:
+          with pytest.raises(DataError) as e:
+            list(read(DataConfig(source="hub", hub_name="org/set", streaming=streaming, cache_dir=cache)))
+          assert str(e.value) == (
             f"hub data set 'org/set' (split 'train') row 1: data.text_field='text' holds a value of type float (3.5), "
             f"{tail}")
 
@@ -246,13 +261,15 @@ def test_packing_layout_split_and_cache(files_cfg, monkeypatch):
     tok = prep.tokenizer
     meta = prep.meta
     docs = load_documents(cfg)["text"]
-    assert meta["documents"] == len(docs) == 12
-    val_mask = pretrain.split_documents(len(docs), cfg.val_fraction, cfg.seed)
-    assert meta["splits"]["val"]["documents"] == val_mask.sum() == round(12 * 0.2)
+    assert meta["documents"] == len(docs) == 12 and meta["bytes_per_token"] == 2
+    val_mask = shards.split_mask(len(docs), cfg.val_fraction, cfg.seed)
+    # every 1/f-th document, round(n f) give or take one, the first one always
+    assert val_mask[0] and abs(int(val_mask.sum()) - 12 * 0.2) <= 1
+    assert meta["splits"]["val"]["documents"] == val_mask.sum()
     assert meta["splits"]["train"]["documents"] == 12 - val_mask.sum()
 
     for split, mask in (("train", ~val_mask), ("val", val_mask)):
-        ds = PackedDataset(prep.dir, split, T)
+        ds = prep.dataset(split)
         stream = [t for d, m in zip(docs, mask) if m for t in tok.encode(d) + [tok.eos_id]]
         n = len(ds)
         assert n == (len(stream) - 1) // T > 0
@@ -266,30 +283,48 @@ def test_packing_layout_split_and_cache(files_cfg, monkeypatch):
             assert [d[j + 1] - d[j] for j in range(T - 1)] == [int(x[j] == tok.eos_id) for j in range(T - 1)]
         flat = torch.cat([r["input_ids"] for r in rows] + [rows[-1]["labels"][-1:]]).tolist()
         assert flat == stream[: n * T + 1]  # the EOS-joined stream, in order
+        # on disk: 2 bytes per token and 8 bytes per document, nothing else per token
+        part = shards.unit_paths(prep.dir, 0)
+        assert part[f"{split}.bin"].stat().st_size == 2 * len(stream)
+        assert part[f"{split}.ends"].stat().st_size == 8 * int(mask.sum())
 
-    # train and val documents are disjoint: decoded val text contains only val docs
-    val_text = tok.decode(np.load(prep.dir / "val.tokens.npy").tolist())
-    for d, m in zip(docs, val_mask):
-        first = d.split(".")[0] + "."
-        assert (first in val_text) == bool(m)
-
-    # a second prepare reuses everything: no tokenisation, no packing, same files
-    mtime = (prep.dir / "train.tokens.npy").stat().st_mtime_ns
-    monkeypatch.setattr(pretrain, "tokenize_documents", lambda *a, **k: pytest.fail("re-tokenised"))
-    monkeypatch.setattr(pretrain, "_build_packed", lambda *a, **k: pytest.fail("re-packed"))
-    again = prepare(cfg, T, 512)
-    assert again.dir == prep.dir and (prep.dir / "train.tokens.npy").stat().st_mtime_ns == mtime
+    # a second prepare (another seq_len too) reuses the shards: no tokenisation, same files
+    mtime = shards.unit_paths(prep.dir, 0)["train.bin"].stat().st_mtime_ns
+    monkeypatch.setattr(shards, "build_dataset", lambda *a, **k: pytest.fail("rebuilt"))
+    again = prepare(cfg, 16, 512)
+    assert again.dir == prep.dir and again.meta["seq_len"] == 16
+    assert shards.unit_paths(prep.dir, 0)["train.bin"].stat().st_mtime_ns == mtime
 
 
-def test_packed_reuses_tokenized_cache_for_new_seq_len(files_cfg, monkeypatch):
-    cfg, _ = files_cfg
-    prepare(cfg, 32, 512)
-    calls = []
-    real = pretrain.tokenize_documents
-    monkeypatch.setattr(pretrain, "tokenize_documents", lambda *a, **k: calls.append(1) or real(*a, **k))
-    p = prepare(cfg, 16, 512)
-    assert calls == [1] and p.meta["seq_len"] == 16  # map ran, but from its cache file
-    assert len(list((p.dir.parent.parent / "tokenized").iterdir())) == 1
+def test_shards_cross_units_and_keep_doc_boundaries(tmp_path):
+    """Several units (small data.shard_mb): the split streams run across shard files in
+    corpus order, and a sequence spanning two shards still numbers its documents right."""
+    docs = make_docs(40, words=60)
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], cache_dir=str(tmp_path / "cache"),
+                     vocab_size=300, val_fraction=0.1, shard_mb=0.004, num_proc=1)
+    prep = prepare(cfg, 50, 512)
+    units = json.loads((prep.dir / "plan.json").read_text())["units"]
+    assert len(units) == prep.meta["units"] >= 4
+    tok = prep.tokenizer
+    ranges = [(u["start"], u["end"]) for u in units]
+    assert ranges[0][0] == 0 and all(a[1] == b[0] for a, b in zip(ranges, ranges[1:]))
+    # documents per unit: the lines starting inside its byte range, split by the per-unit rule
+    offs = np.cumsum([0] + [len(json.dumps({"text": d}).encode()) + 1 for d in docs])[:-1]
+    train = []
+    for u, (a, b) in enumerate(ranges):
+        mine = [d for d, o in zip(docs, offs) if a <= o < b]
+        mask = shards.split_mask(len(mine), 0.1, cfg.seed, u)
+        train += [t for d, m in zip(mine, mask) if not m for t in tok.encode(d) + [tok.eos_id]]
+    ds = prep.dataset("train")
+    got = torch.cat([ds[i]["input_ids"] for i in range(len(ds))]).tolist()
+    assert got == train[: len(ds) * 50]
+    for i in range(len(ds)):
+        r = ds[i]
+        d, x = r["doc_ids"].tolist(), r["input_ids"].tolist()
+        assert d[0] == 0 and [d[j + 1] - d[j] for j in range(49)] == [int(x[j] == tok.eos_id) for j in range(49)]
 
 
 def test_corpus_too_small_for_seq_len(tmp_path):
@@ -454,44 +489,38 @@ def test_lightning_checkpoint_resume_continues_the_data_order(files_cfg, tmp_pat
 
 
 def test_streaming_source_is_packed_from_max_documents(tmp_path, monkeypatch):
-    """The hub path offline: a streamed (iterable) data set is capped and packed like a local one."""
+    """The hub path offline: a streamed (iterable) data set is read record by record (no
+    cap needed), or capped at max_documents, and packed like a local one."""
     import datasets
 
     texts = make_docs(20)
     monkeypatch.setattr(corpus, "_load_hub",
                         lambda c: datasets.Dataset.from_dict({"text": texts}).to_iterable_dataset())
     base = dict(source="hub", hub_name="fake/stream", streaming=True, cache_dir=str(tmp_path), vocab_size=300,
-                val_fraction=0.2)
-    with pytest.raises(DataError, match="max_documents"):
-        prepare(DataConfig(**base, tokenizer=str(train_bpe(texts, 300).save(tmp_path / "t.json"))), 16, 512)
+                val_fraction=0.2, num_proc=1)
+    p = prepare(DataConfig(**base), 16, 512)
+    assert p.meta["documents"] == 20
     p = prepare(DataConfig(**base, max_documents=10), 16, 512)
-    assert p.meta["documents"] == 10 and p.meta["splits"]["val"]["documents"] == 2
+    assert p.meta["documents"] == 10 and p.meta["splits"]["val"]["documents"] == shards.split_mask(10, 0.2, 1234).sum()
 
 
-def test_a_damaged_packed_cache_is_rebuilt(tmp_path):
-    """A truncated cache file (disk error, interrupted copy) is detected and rebuilt
-    from the corpus, with the same content, instead of failing inside a memmap."""
-    import glob
-    import os
+def test_a_damaged_shard_is_rebuilt(tmp_path):
+    """A truncated shard (disk error, interrupted copy) is detected and that unit rebuilt
+    with the same content, instead of failing inside a memmap."""
     import warnings
-
-    import numpy as np
-
-    from mixtrain.config import DataConfig
-    from mixtrain.data.pretrain import PackedDataset, prepare
 
     for name, text in (("a", "hello world, this is a document. "), ("b", "another text with words. ")):
         (tmp_path / f"{name}.txt").write_text(text * 300)
     cfg = DataConfig(source="files", paths=[str(tmp_path / "*.txt")], cache_dir=str(tmp_path / "cache"),
                      val_fraction=0.5)
     first = prepare(cfg, 64, 512)
-    good = np.load(first.dir / "train.tokens.npy").copy()
-    path = glob.glob(str(tmp_path / "cache" / "packed" / "*" / "train.tokens.npy"))[0]
+    path = shards.unit_paths(first.dir, 0)["train.bin"]
+    good = path.read_bytes()
     with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
+        f.truncate(len(good) // 2)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         again = prepare(cfg, 64, 512)
     assert any("is damaged" in str(w.message) for w in caught)
-    assert np.array_equal(np.load(again.dir / "train.tokens.npy"), good)
-    assert len(PackedDataset(again.dir, "train", 64)) == first.meta["splits"]["train"]["sequences"]
+    assert path.read_bytes() == good
+    assert len(again.dataset("train")) == first.meta["splits"]["train"]["sequences"]

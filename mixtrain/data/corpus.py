@@ -93,10 +93,11 @@ def short_hash(*parts: Any, n: int = 16) -> str:
 def _stdlib_files() -> list[Path]:
     root = Path(sysconfig.get_paths()["stdlib"])
     files = []
-    for p in root.rglob("*.py"):
-        rel = p.relative_to(root).parts
-        if not _STDLIB_SKIP.intersection(rel):
-            files.append(p)
+    # Skipped folders are pruned, not walked (site-packages can be large, or change
+    # under a running pip).
+    for folder, dirs, names in os.walk(root):
+        dirs[:] = [d for d in dirs if d not in _STDLIB_SKIP]
+        files.extend(Path(folder) / n for n in names if n.endswith(".py"))
     return sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
