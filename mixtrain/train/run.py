@@ -455,6 +455,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         micro_batch_size=cfg.train.micro_batch_size,
         vocab_size=cfg.model.vocab_size,
     )
+    if hasattr(data, "prepare_before_fit"):  # before fit: no collective (and its timeout) around a long build
+        data.prepare_before_fit()
     tokens_per_step = int(cfg.train.global_batch_tokens)
     flops = accounting.train_flops_per_token(cfg.model, layout, cfg.train.seq_len, cfg.train.trainable)
     counts = accounting.param_counts(cfg.model, layout)
