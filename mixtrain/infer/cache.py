@@ -19,6 +19,12 @@ is the same for every row (:meth:`KVCache.slot_columns`), and one mask per
 ``j <= i``, ``j > i - W`` (sliding), and ``j >= pad[b]`` (a padding query sees only
 itself, so no softmax row is empty). K is cached after RoPE, so the order of the keys
 in a ring buffer does not matter: attention is permutation-invariant over keys.
+
+The model's own forward reads the cache (``Transformer.forward(ids, cache=cache)``):
+:meth:`KVCache.positions` and :meth:`KVCache.rope_at` give the RoPE rotations of the
+next columns (fp32 tables as long as the cache, so positions past ``max_seq_len`` work
+and a bf16 model does not rotate with bf16 tables), :meth:`KVCache.masks` one mask per
+(kind, window), and each producer calls :meth:`KVCache.append_and_read`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,8 @@ import torch
 from torch import Tensor
 
 from mixtrain.accounting import KVCacheLayer, kv_cache_layers
+from mixtrain.model.attention import rope_tables
+from mixtrain.model.masks import AttentionMask, MaskKey
 
 
 class KVCache:
@@ -60,6 +68,9 @@ class KVCache:
             self.v[c.index] = torch.zeros(shape, device=self.device, dtype=dtype)
         self.length = 0
         self.set_padding([0] * self.batch)
+        # RoPE of every column the cache can hold (or of max_seq_len, if longer), in fp32.
+        n_rope = max(self.max_context, int(cfg.max_seq_len))
+        self.rope_cos, self.rope_sin = rope_tables(D, n_rope, float(cfg.rope_theta), device=self.device)
 
     # -- bookkeeping --------------------------------------------------------------------
 
@@ -91,7 +102,46 @@ class KVCache:
         cols = s + cap * torch.div(length - 1 - s, cap, rounding_mode="floor")
         return torch.where(s < length, cols, torch.full_like(s, -1))
 
-    # -- the one operation the engine needs ---------------------------------------------
+    def _key_columns(self, kind: str, cap: int, L0: int, t: int) -> Tensor:
+        """Columns of the keys a query of columns ``L0 .. L0+t-1`` attends over in a
+        buffer of ``cap`` slots, in the order :meth:`append_and_read` returns them."""
+        L1 = L0 + t
+        if kind == "global" or cap == self.max_context:
+            return torch.arange(L1, device=self.device)
+        if t == 1:
+            return self.slot_columns(cap, L1)[:min(L1, cap)]
+        return torch.cat([self.slot_columns(cap, L0)[:min(L0, cap)], torch.arange(L0, L1, device=self.device)])
+
+    # -- what a forward over the next t columns needs -------------------------------------
+
+    def positions(self, t: int) -> Tensor:
+        """RoPE positions of the next ``t`` columns of every row: column minus the row's
+        left padding (0 on padding columns). long [B, t]."""
+        cols = torch.arange(self.length, self.length + t, device=self.device)
+        return (cols[None, :] - self.pad[:, None]).clamp(min=0)
+
+    def rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
+        """positions [B, t] -> cos, sin [B, 1, t, D/2] (fp32)."""
+        return self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+
+    def masks(self, t: int, mask_keys) -> dict[MaskKey, AttentionMask]:
+        """One mask per distinct (kind, window) for a forward over the next ``t`` columns
+        (all buffers of one key hold the same columns). A decode step with every cached
+        key visible (no row padded) needs no mask: ``full``."""
+        need_mask = t > 1 or max(self.pad_list) > 0
+        q_cols = torch.arange(self.length, self.length + t, device=self.device) if need_mask else None
+        out: dict[MaskKey, AttentionMask] = {}
+        for key in dict.fromkeys(mask_keys):
+            kind, window = key
+            if not need_mask:
+                out[key] = AttentionMask(kind, window, full=True)
+                continue
+            cap = self.max_context if kind == "global" or window is None else min(int(window), self.max_context)
+            cols = self._key_columns(kind, cap, self.length, t)
+            out[key] = AttentionMask(kind, window, dense=key_mask(q_cols, cols, self.pad, window))
+        return out
+
+    # -- the one operation each producer layer does ----------------------------------------
 
     def append_and_read(self, layer: int, k: Optional[Tensor], v: Tensor,
                         want_cols: bool = True) -> tuple[Optional[Tensor], Tensor, Optional[Tensor]]:
@@ -114,12 +164,12 @@ class KVCache:
         cap = self.capacity[layer]
         kbuf, vbuf = self.k.get(layer), self.v[layer]
         spec = self.layout.layers[layer]
+        cols = self._key_columns(spec.kind, cap, L0, t) if want_cols else None
         if spec.kind == "global" or cap == self.max_context:
             # global, or a sliding buffer that never wraps: column c lives in slot c
             if kbuf is not None:
                 kbuf[:, :, L0:L1] = k
             vbuf[:, :, L0:L1] = v
-            cols = torch.arange(L1, device=self.device) if want_cols else None
             return (kbuf[:, :, :L1] if kbuf is not None else None), vbuf[:, :, :L1], cols
         if t == 1:
             slot = L0 % cap
@@ -127,11 +177,9 @@ class KVCache:
                 kbuf[:, :, slot:slot + 1] = k
             vbuf[:, :, slot:slot + 1] = v
             S = min(L1, cap)
-            cols = self.slot_columns(cap, L1)[:S] if want_cols else None
             return (kbuf[:, :, :S] if kbuf is not None else None), vbuf[:, :, :S], cols
         S0 = min(L0, cap)
         new_cols = torch.arange(L0, L1, device=self.device)
-        cols = torch.cat([self.slot_columns(cap, L0)[:S0], new_cols])
         K = torch.cat([kbuf[:, :, :S0], k], dim=2) if kbuf is not None else None
         V = torch.cat([vbuf[:, :, :S0], v], dim=2)
         n = min(t, cap)

@@ -10,26 +10,12 @@ or lower level (what the tests and the benchmark use):
     logits = engine.last_logits                  # [B, V] at each row's last prompt token
     logits = engine.step(next_tokens)            # one decode step, [B] -> [B, V]
 
-One forward (:meth:`Engine.forward`) extends the cache by t columns (t = a prefill
-chunk, or 1 at decode). Per layer, in depth order:
-
-    x, x_kv = block.attn_inputs(h); q, k, v = attn.project(x, rope at each row's positions, x_kv)
-    producer:  K, V, cols = cache.append_and_read(i, k, v)     (remembered for consumers)
-    consumer:  K, V, cols = what its producer returned this forward
-    attention: SDPA over (K, V) with the (kind, window) mask; a layer whose probabilities
-               a Shared Attention layer borrows computes them explicitly, and the
-               borrowing layer multiplies them by its own V (same slot order: same kind,
-               window and therefore capacity)
-    h = h + wo(...); h = h + mlp(mlp_norm(h))   (MoE: the model's own forward on [B, t, C])
-
-Decode (t = 1) with grouped-query attention folds the query heads of one KV head into
-the query-length axis (q [B, Hkv, n_rep, D]), so the kernel reads each KV head once and
-needs no GQA support, and no mask at all when every cached key is visible (equal-length
-rows): the fast kernels apply on GPU.
-
-RoPE: the engine keeps its own fp32 tables (same function as the model's), long enough
-for the cache, so positions past ``model.max_seq_len`` work and a bf16 model does not
-rotate with bf16 tables.
+The engine holds no model code: one forward (:meth:`Engine.forward`) is the model's own
+forward over the cache, ``model(ids, cache=cache)``, which extends the cache by t
+columns (t = a prefill chunk, or 1 at decode): positions, RoPE and masks come from the
+cache, every producer layer appends its K/V and attends over what the cache returns
+(see :mod:`mixtrain.model.transformer`). The engine manages the cache (allocation,
+left padding of ragged prompts, chunked prefill), the decode loop and sampling.
 """
 
 from __future__ import annotations
@@ -37,11 +23,10 @@ from __future__ import annotations
 from typing import Iterable, Optional, Sequence
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
-from mixtrain.infer.cache import KVCache, key_mask
-from mixtrain.model.attention import apply_probs, explicit_attention, rope_tables
+from mixtrain.infer.cache import KVCache
+from mixtrain.model.attention import sdpa_attention as _attend  # noqa: F401  (the attention kernel of a decode step; bench infer times it)
 
 __all__ = ["Engine", "generate", "sample"]
 
@@ -69,21 +54,6 @@ def sample(logits: Tensor, temperature: float = 0.0, top_p: float = 1.0,
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-# ----------------------------------------------------------------------------- attention
-
-
-def _attend(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
-    """q [B,Hq,t,D] over k/v [B,Hkv,S,D], mask bool [B|1,1,t,S] or None -> [B,Hq,t,D]."""
-    B, Hq, t, D = q.shape
-    Hkv = k.shape[1]
-    rep = Hq // Hkv
-    if t == 1 and rep > 1:
-        # decode: fold the rep query heads of a KV head into the query axis
-        y = F.scaled_dot_product_attention(q.reshape(B, Hkv, rep, D), k, v, attn_mask=mask)
-        return y.reshape(B, Hq, 1, D)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
-
-
 # ----------------------------------------------------------------------------- engine
 
 
@@ -99,10 +69,9 @@ class Engine:
         self.pad_id = int(pad_id)
         p = next(model.parameters())
         self.device, self.dtype = p.device, p.dtype
-        self.prob_sources = {s.attn_source for s in self.layout.layers if s.attn_source is not None}
+        self.prob_sources = set(model.prob_sources)  # layers whose probabilities a later layer borrows
         self.cache: Optional[KVCache] = None
         self.last_logits: Optional[Tensor] = None
-        self._cos = self._sin = None
 
     # -- setup --------------------------------------------------------------------------
 
@@ -110,64 +79,22 @@ class Engine:
         """Allocate (and keep) a cache for ``batch`` rows of ``max_context`` columns."""
         self.cache = None  # free the old buffers first
         self.cache = KVCache(self.cfg, self.layout, batch, max_context, self.device, self.dtype)
-        self._ensure_rope(max_context)
         return self.cache
-
-    def _ensure_rope(self, n: int) -> None:
-        if self._cos is None or self._cos.shape[0] < n:
-            n = max(n, int(self.cfg.max_seq_len))
-            self._cos, self._sin = rope_tables(int(self.cfg.head_dim), n, float(self.cfg.rope_theta), device=self.device)
 
     # -- the core -----------------------------------------------------------------------
 
     @torch.inference_mode()
     def forward(self, ids: Tensor, all_logits: bool = False) -> Tensor:
-        """Extend the cache by ids [B, t] (the next t columns of every row).
-        Returns logits [B, t, V] with ``all_logits``, else [B, V] of the last column."""
+        """Extend the cache by ids [B, t] (the next t columns of every row) with the
+        model's own forward. Returns logits [B, t, V] with ``all_logits``, else [B, V] of
+        the last column."""
         cache = self.cache
         if cache is None:
             raise RuntimeError("no cache: call start() or new_cache() first")
-        B, t = ids.shape
-        if B != cache.batch:
-            raise ValueError(f"{B} rows for a cache of {cache.batch}")
-        model = self.model
-        L0 = cache.length
-        q_cols = torch.arange(L0, L0 + t, device=self.device)
-        positions = (q_cols[None, :] - cache.pad[:, None]).clamp(min=0)  # [B, t]
-        cos, sin = self._cos[positions][:, None], self._sin[positions][:, None]  # [B,1,t,D/2]
-        # decode with every cached key visible needs no mask (see module doc)
-        need_mask = t > 1 or max(cache.pad_list) > 0
-
-        reads: dict[int, tuple] = {}  # producer -> (K, V)
-        masks: dict[tuple, Optional[Tensor]] = {}  # (kind, window) -> mask
-        probs_store: dict[int, Tensor] = {}
-        h = model.tok_embeddings(ids)  # [B, t, C]
-        for i, (block, spec) in enumerate(zip(model.layers, self.layout.layers)):
-            attn = block.attn
-            x_q, x_kv = block.attn_inputs(h)
-            q, k, v = attn.project(x_q, cos, sin, x_kv)
-            if attn.role == "consumer":
-                K, V = reads[spec.kv_source]
-            else:
-                K, V, cols = cache.append_and_read(i, k, v, want_cols=need_mask)
-                reads[i] = (K, V)
-                if spec.mask_key not in masks:
-                    masks[spec.mask_key] = key_mask(q_cols, cols, cache.pad, spec.window) if need_mask else None
-            mask = masks[spec.mask_key]
-            if attn.role == "shared":
-                y = apply_probs(probs_store[spec.attn_source], V)
-            elif i in self.prob_sources:
-                m = mask if mask is not None else torch.ones(1, 1, t, K.shape[2], dtype=torch.bool, device=self.device)
-                y, probs_store[i] = explicit_attention(q, K, V, m)
-            else:
-                y = _attend(q, K, V, mask)
-            h = h + attn.merge_heads(y)
-            x = block.mlp_norm(h)
-            h = h + (block.mlp(x)[0] if block.is_moe else block.mlp(x))
-        cache.advance(t)
-        if not all_logits:
-            h = h[:, -1]
-        return F.linear(model.norm(h), model.output_weight)
+        if ids.shape[0] != cache.batch:
+            raise ValueError(f"{ids.shape[0]} rows for a cache of {cache.batch}")
+        logits = self.model(ids, cache=cache, last_only=not all_logits).logits
+        return logits if all_logits else logits[:, -1]
 
     # -- prefill and decode -------------------------------------------------------------
 

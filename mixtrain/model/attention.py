@@ -14,6 +14,12 @@ Kernels (one meaning, tested equal): 'sdpa' = F.scaled_dot_product_attention wit
 explicit boolean mask; 'flex' = FlexAttention with a BlockMask (compiled once on CUDA;
 on CPU it only runs forward without autograd). A layer whose probabilities are
 borrowed computes them with the explicit math path: softmax(QK^T / sqrt(D) + mask).
+
+With a KV cache (inference, :class:`mixtrain.infer.cache.KVCache`) the same forward
+runs: a producer appends its new K/V to its buffers and attends over what the cache
+returns (the cached columns plus the new ones), and hands that on to its consumers; a
+Shared Attention layer caches its V. The cache builds the masks (key columns against
+query columns), and a decode step over a full cache needs none (``AttentionMask.full``).
 """
 
 from __future__ import annotations
@@ -69,9 +75,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 # ----------------------------------------------------------------------------- kernels
 
 
-def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
-    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], mask bool [B|1,1,Tq,Tk] -> [B,Hq,Tq,D]."""
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=k.shape[1] != q.shape[1])
+def sdpa_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> Tensor:
+    """q [B,Hq,Tq,D], k/v [B,Hkv,Tk,D], mask bool [B|1,1,Tq,Tk] or None (every key
+    visible) -> [B,Hq,Tq,D].
+
+    One query (a decode step) with grouped-query attention folds the query heads of a
+    KV head into the query axis (q [B, Hkv, n_rep, D]): the kernel reads each KV head
+    once and needs no GQA support, so the fast kernels apply on GPU."""
+    B, Hq, Tq, D = q.shape
+    rep = Hq // k.shape[1]
+    if Tq == 1 and rep > 1:
+        y = F.scaled_dot_product_attention(q.reshape(B, k.shape[1], rep, D), k, v, attn_mask=mask)
+        return y.reshape(B, Hq, 1, D)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=rep > 1)
 
 
 _compiled_flex = None
@@ -95,13 +111,15 @@ def repeat_kv(x: Tensor, n_rep: int) -> Tensor:
     return x if n_rep == 1 else x.repeat_interleave(n_rep, dim=1)
 
 
-def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
-    """Math path: probs = softmax(QK^T / sqrt(D) masked), out = probs @ V.
-    Returns out [B,Hq,Tq,D] and probs [B,Hq,Tq,Tk] (softmax in fp32, returned in q.dtype)."""
+def explicit_attention(q: Tensor, k: Tensor, v: Tensor, mask: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    """Math path: probs = softmax(QK^T / sqrt(D) masked), out = probs @ V (mask None:
+    every key visible). Returns out [B,Hq,Tq,D] and probs [B,Hq,Tq,Tk] (softmax in fp32,
+    returned in q.dtype)."""
     n_rep = q.shape[1] // k.shape[1]
     k, v = repeat_kv(k, n_rep), repeat_kv(v, n_rep)
     scores = (q.float() @ k.float().transpose(-2, -1)) / math.sqrt(q.shape[-1])  # [B,Hq,Tq,Tk]
-    scores = scores.masked_fill(~mask, float("-inf"))
+    if mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf"))
     probs = scores.softmax(dim=-1).to(q.dtype)
     return probs @ v, probs
 
@@ -147,7 +165,7 @@ class Attention(nn.Module):
                 nn.init.normal_(getattr(self, name).weight, 0.0, std, generator=generator)
         nn.init.normal_(self.wo.weight, 0.0, out_std, generator=generator)
 
-    # -- reusable pieces (the inference engine calls these with cached K/V) --------------
+    # -- pieces of the forward ------------------------------------------------------------
 
     def project(
         self, x: Tensor, cos: Tensor, sin: Tensor, x_kv: Optional[Tensor] = None
@@ -173,12 +191,13 @@ class Attention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, mask: AttentionMask) -> Tensor:
         """q [B,Hq,Tq,D] over k/v [B,Hkv,Tk,D] -> [B,Hq,Tq,D]. The kernel follows the mask:
         SDPA's causal kernel for plain causal attention, FlexAttention when the mask
-        carries a BlockMask (sliding windows, documents), SDPA with the dense mask otherwise."""
+        carries a BlockMask (sliding windows, documents), SDPA with the dense mask
+        otherwise (no mask at all when every key is visible: ``mask.full``)."""
         if mask.causal and q.shape[2] == k.shape[2]:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=k.shape[1] != q.shape[1])
         if mask.block is not None:
             return flex_attention_kernel(q, k, v, mask.block)
-        if mask.dense is None:
+        if mask.dense is None and not mask.full:
             raise RuntimeError(f"layer {self.index}: the attention mask has neither a dense nor a block form")
         return sdpa_attention(q, k, v, mask.dense)
 
@@ -187,7 +206,7 @@ class Attention(nn.Module):
         B, H, T, D = y.shape
         return self.wo(y.transpose(1, 2).reshape(B, T, H * D))
 
-    # -- training forward ---------------------------------------------------------------
+    # -- forward (training, and inference with a cache) ----------------------------------
 
     def forward(
         self,
@@ -199,14 +218,21 @@ class Attention(nn.Module):
         probs: Optional[Tensor] = None,
         return_probs: bool = False,
         x_kv: Optional[Tensor] = None,
+        cache=None,
     ) -> tuple[Tensor, Optional[tuple[Tensor, Tensor]], Optional[Tensor]]:
         """x [B,T,C] -> (out [B,T,C], (k, v) this layer produced or None, probs or None).
 
         kv:    the producer's (k, v), required for a consumer.
         probs: the source layer's probabilities, required for a shared layer.
         return_probs: compute probabilities explicitly and return them (a later layer
-                      borrows them)."""
+                      borrows them).
+        cache: a KV cache (inference). A producer (or a shared layer, V only) stores its
+               new K/V there and attends over, and hands on, what the cache returns for
+               these columns (the keys of earlier columns followed by or merged with
+               the new ones), so its consumers read the same tensors."""
         q, k, v = self.project(x, cos, sin, x_kv)
+        if cache is not None and self.role != "consumer":
+            k, v, _ = cache.append_and_read(self.index, k, v, want_cols=False)
         if self.role == "consumer":
             if kv is None:
                 raise RuntimeError(f"layer {self.index} is a KV consumer but got no K/V from its producer")
@@ -218,7 +244,7 @@ class Attention(nn.Module):
             return self.merge_heads(y), None, None
         new_probs = None
         if return_probs:
-            if mask.dense is None:
+            if mask.dense is None and not mask.full:
                 raise RuntimeError(f"layer {self.index}: explicit attention needs a dense mask")
             y, new_probs = explicit_attention(q, k, v, mask.dense)
         else:

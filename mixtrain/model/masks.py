@@ -134,6 +134,9 @@ class AttentionMask:
     # Plain causal attention (global, no documents): SDPA's is_causal path, which takes
     # the flash kernel on GPU (faster than FlexAttention for full causal) and builds no mask.
     causal: bool = False
+    # Every key visible to every query (a decode step over a KV cache without padding):
+    # no mask at all.
+    full: bool = False
 
 
 def build_masks(

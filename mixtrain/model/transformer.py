@@ -7,6 +7,12 @@ wires the per-forward hand-over:
     kv_store[producer index]  = (k, v)   post-RoPE, [B, Hkv, T, D]
     probs_store[source index] = probs    post-softmax, [B, Hq, T, T]
 
+The same forward serves training and inference (nanochat's habit): given a KV cache,
+``forward(ids, cache=cache)`` extends it by the T new columns (a prefill chunk, or one
+token at decode) and the hand-over carries the cached K/V (``[B, Hkv, S, D]``, S the
+keys visible to these columns). :class:`mixtrain.infer.generate.Engine` only manages
+the cache, the padding/positions and sampling.
+
 Construction is cheap and device-agnostic (torchtitan style):
 
     with torch.device("meta"):
@@ -86,10 +92,12 @@ class Block(nn.Module):
         x_q = self.attn_norm(x)
         return x_q, (self.kv_norm(x) if self.kv_norm is not None else x_q)
 
-    def forward(self, x, cos, sin, mask, kv=None, probs=None, return_probs=False):
-        """x [B,T,C] -> (x [B,T,C], produced (k, v) | None, probs | None, moe aux | None)."""
+    def forward(self, x, cos, sin, mask, kv=None, probs=None, return_probs=False, cache=None):
+        """x [B,T,C] -> (x [B,T,C], produced (k, v) | None, probs | None, moe aux | None).
+        ``cache``: the KV cache of an inference forward (see :class:`Attention`)."""
         x_q, x_kv = self.attn_inputs(x)
-        a, produced, new_probs = self.attn(x_q, cos, sin, mask, kv=kv, probs=probs, return_probs=return_probs, x_kv=x_kv)
+        a, produced, new_probs = self.attn(x_q, cos, sin, mask, kv=kv, probs=probs, return_probs=return_probs,
+                                           x_kv=x_kv, cache=cache)
         x = x + a
         aux = None
         if self.is_moe:
@@ -168,25 +176,41 @@ class Transformer(nn.Module):
         input_ids: Tensor,
         doc_ids: Optional[Tensor] = None,
         positions: Optional[Tensor] = None,
+        cache=None,
+        last_only: bool = False,
     ) -> ModelOutput:
         """input_ids [B, T] -> ModelOutput(logits [B, T, V], aux).
 
         doc_ids [B, T] (optional): a token attends only within its document (on top of the
         causal / sliding mask). positions [T] or [B, T] (optional, default 0..T-1): RoPE
-        positions; masks always use the index in the sequence."""
+        positions; masks always use the index in the sequence.
+
+        cache (inference, a :class:`mixtrain.infer.cache.KVCache`): input_ids are the next
+        T columns of every row of the cache. Positions default to the cache's (each row's
+        column minus its left padding), RoPE is read from the cache's fp32 tables (so
+        positions past ``max_seq_len`` work), the cache builds the masks, every producer
+        appends its K/V, and the cache advances by T. ``aux`` is empty with a cache.
+        last_only: logits of the last column only ([B, 1, V])."""
         B, T = input_ids.shape
         device = input_ids.device
-        if positions is None:
-            if T > self.cfg.max_seq_len:
-                raise ValueError(
-                    f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}; "
-                    "raise max_seq_len (and call reset_rope) for longer contexts"
-                )
-            positions = torch.arange(T, device=device)
-        cos, sin = self.rope_at(positions)
-
-        impl = resolve_attn_impl(self.cfg.attn_impl, device)
-        masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=self.dense_mask_keys)
+        if cache is not None:
+            if doc_ids is not None:
+                raise ValueError("doc_ids cannot be combined with a KV cache")
+            if positions is None:
+                positions = cache.positions(T)
+            cos, sin = cache.rope_at(positions)
+            masks = cache.masks(T, self.layout.mask_keys)
+        else:
+            if positions is None:
+                if T > self.cfg.max_seq_len:
+                    raise ValueError(
+                        f"sequence of {T} tokens is longer than model.max_seq_len={self.cfg.max_seq_len}; "
+                        "raise max_seq_len (and call reset_rope) for longer contexts"
+                    )
+                positions = torch.arange(T, device=device)
+            cos, sin = self.rope_at(positions)
+            impl = resolve_attn_impl(self.cfg.attn_impl, device)
+            masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=self.dense_mask_keys)
 
         kv_store: dict[int, tuple[Tensor, Tensor]] = {}
         probs_store: dict[int, Tensor] = {}
@@ -202,6 +226,7 @@ class Transformer(nn.Module):
                 kv=kv_store.get(spec.kv_source) if spec.kv_source != i else None,
                 probs=probs_store.get(spec.attn_source) if spec.attn_source is not None else None,
                 return_probs=i in self.prob_sources,
+                cache=cache,
             )
             if produced is not None:
                 kv_store[i] = produced
@@ -209,9 +234,14 @@ class Transformer(nn.Module):
                 probs_store[i] = probs
             if aux is not None:
                 moe_aux.append(aux)
+        if last_only:
+            h = h[:, -1:]
         h = self.norm(h)
         logits = F.linear(h, self.output_weight)  # [B, T, V]
 
+        if cache is not None:
+            cache.advance(T)
+            return ModelOutput(logits=logits, aux={})
         if moe_aux:
             out_aux = {
                 "lb_loss": torch.stack([a["lb_loss"] for a in moe_aux]).mean(),
