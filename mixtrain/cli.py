@@ -99,7 +99,8 @@ def _train_main() -> None:
 
         from mixtrain.config import setup_hydra as _setup  # a submitit job runs in a fresh process
         from mixtrain.errors import UserError
-        from mixtrain.train.run import run_dir_of, train, write_result
+        from mixtrain.rundir import RunDir
+        from mixtrain.train.run import train
 
         _setup()
         hc = HydraConfig.get()
@@ -110,7 +111,7 @@ def _train_main() -> None:
                 from mixtrain.train.run import is_first_process
 
                 if is_first_process() and not isinstance(e, SystemExit):  # result.json says how it ended
-                    write_result(run_dir_of(cfg), {"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                    RunDir.of_config(cfg).write_result({"status": "failed", "error": f"{type(e).__name__}: {e}"})
                 if isinstance(e, UserError):
                     print(f"mixtrain train: error: {e}", file=sys.stderr)
                     sys.exit(2)
@@ -123,7 +124,7 @@ def _train_main() -> None:
         except Exception as e:  # noqa: BLE001 - one failed point must not stop the sweep
             import traceback
 
-            run_dir = run_dir_of(cfg)
+            run_dir = RunDir.of_config(cfg).path
             if not isinstance(e, UserError):
                 traceback.print_exc()
             print(
@@ -135,8 +136,7 @@ def _train_main() -> None:
             from mixtrain.train.run import is_first_process
 
             if is_first_process():
-                write_result(
-                    run_dir,
+                RunDir(run_dir).write_result(
                     {"status": "failed", "error": f"{type(e).__name__}: {e}", "job_num": hc.job.num,
                      "overrides": list(hc.overrides.task), "run_dir": str(run_dir)},
                 )

@@ -323,9 +323,9 @@ def tokenizer_of(source: Any) -> str:
     """``<run dir>/tokenizer.json`` of a run directory, an export folder or a
     checkpoint inside ``<run dir>/checkpoints/`` (later stages reuse their
     predecessor's tokenizer)."""
-    from mixtrain.files import run_dir_of_path
+    from mixtrain.rundir import RunDir
 
-    return str(run_dir_of_path(str(source)) / "tokenizer.json")
+    return str(RunDir.of_path(str(source)).tokenizer_file)
 
 
 def _hf_value(path: Any, key: str) -> Any:

@@ -18,12 +18,3 @@ def atomic_write_text(path: Path, text: str) -> None:
         os.fsync(f.fileno())
     os.replace(tmp, path)
 
-
-def run_dir_of_path(path: str | os.PathLike) -> Path:
-    """The run directory a path belongs to: itself for a run directory or an export
-    folder, ``<run>`` for ``<run>/checkpoints/step-N.ckpt``, the folder of any other file.
-    Pure path logic for paths that do not exist yet (recipes resolve it early)."""
-    path = Path(path)
-    if path.parent.name == "checkpoints":
-        return path.parent.parent
-    return path.parent if path.is_file() else path

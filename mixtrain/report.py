@@ -253,11 +253,9 @@ class SweepOutcome(_HydraCallback):  # type: ignore[misc]
 
 
 def _is_run_dir(d: "Path") -> bool:
-    """config.yaml plus something a job wrote; or the result.json of a point that failed
-    before it wrote its config."""
-    if (d / "config.yaml").is_file():
-        return any((d / p).exists() for p in ("result.json", "checkpoints", "csv", "wandb", "eval"))
-    return (d / "result.json").is_file() and d.name not in (".hydra", "export")
+    from .rundir import RunDir
+
+    return RunDir.is_run_dir(d)
 
 
 def _job_order(d: "Path") -> tuple:
@@ -453,17 +451,9 @@ def read_wandb_history(run_dir: "Path") -> dict[str, list[tuple[int, float]]]:
 
 def _eval_files(run_dir: "Path") -> list[dict[str, Any]]:
     """The JSON objects of ``<run_dir>/eval/*.json``, oldest first; unreadable files skipped."""
-    import json
+    from .rundir import RunDir
 
-    out = []
-    for path in sorted((run_dir / "eval").glob("*.json"), key=lambda p: p.stat().st_mtime):
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            out.append(data)
-    return out
+    return RunDir(run_dir).eval_results()
 
 
 def read_eval_scores(run_dir: "Path") -> dict[str, float]:

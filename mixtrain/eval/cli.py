@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Optional
 
-from mixtrain.files import run_dir_of_path
+from mixtrain.rundir import RunDir
 
 STANDARD_LENGTHS = (4096, 8192, 16384, 32768)
 
@@ -59,7 +59,7 @@ def find_tokenizer(source: str | Path, cfg: Any):
     from mixtrain.data.tokenizer import get_tokenizer, load_tokenizer_file
 
     src = Path(source)
-    for cand in (src / "tokenizer.json", run_dir_of_path(src) / "tokenizer.json", src.parent / "tokenizer.json"):
+    for cand in (src / "tokenizer.json", RunDir.of_path(src).tokenizer_file, src.parent / "tokenizer.json"):
         if cand.is_file():
             return load_tokenizer_file(cand)
     return get_tokenizer(cfg.data, int(cfg.model.vocab_size))
@@ -160,7 +160,7 @@ def run(args) -> int:
         )
     tok = find_tokenizer(args.model, cfg)
     src = Path(args.model)
-    run_dir = run_dir_of_path(src)
+    run_dir = RunDir.of_path(src).path
     out_dir = Path(args.out) if args.out else (run_dir if (run_dir / "checkpoints").is_dir() else
                                                (src if src.is_dir() else src.parent)) / "eval"
     names = {
@@ -199,7 +199,7 @@ def run(args) -> int:
                 wandb.log(data)
     finally:
         if wandb_run is not None:
-            from mixtrain.train.run import finish_wandb
+            from mixtrain.train.loggers import finish_wandb
 
             finish_wandb()
     print(f"wrote {out_dir}")
@@ -212,11 +212,10 @@ def open_training_wandb_run(src: Path, cfg, out_dir: Path):
     Offline unless an API key is configured."""
     import wandb
 
-    from mixtrain.train.run import wandb_mode
+    from mixtrain.train.loggers import wandb_mode
 
-    run_dir = run_dir_of_path(src)
-    id_file = run_dir / "wandb_id"
-    run_id = id_file.read_text().strip() if id_file.is_file() else None
+    run_dir = RunDir.of_path(src).path
+    run_id = RunDir(run_dir).saved_wandb_id()
     logger = cfg.get("logger") or {}
     out_dir.mkdir(parents=True, exist_ok=True)
     return wandb.init(project=logger.get("project", "mixtrain"), entity=logger.get("entity"), id=run_id,

@@ -171,3 +171,30 @@ class AtomicCheckpoint(L.Callback):
         trainer.strategy.barrier()
         self._last_saved_step = step
         return final
+
+
+def resume_path(resume: Optional[str], run_dir: str | os.PathLike) -> Optional[str]:
+    """The checkpoint a run continues from, by ``run.resume``: null/"never" (a fresh
+    run; refused when the directory already holds checkpoints), "auto" (the newest
+    complete one, if any) or a path (which must be a complete checkpoint)."""
+    from mixtrain.errors import UserError
+
+    existing = list_checkpoints(run_dir)
+    if resume in (None, "never", "null"):
+        if existing:
+            raise UserError(
+                f"run directory {run_dir} already holds checkpoints (newest: {existing[-1][1].name}). "
+                f"Continue it with run.resume=auto, or start a new run with another run.name; nothing was changed"
+            )
+        return None
+    if resume == "auto":
+        ckpt = latest_checkpoint(run_dir)
+        return str(ckpt) if ckpt else None
+    if not Path(resume).exists():
+        raise UserError(f"run.resume={resume!r}: no such checkpoint; give a path, 'auto' or null")
+    if not is_loadable(Path(resume)):
+        raise UserError(
+            f"run.resume={resume!r} is not a complete checkpoint (damaged or cut short); "
+            f"use run.resume=auto to take the newest complete one"
+        )
+    return str(resume)

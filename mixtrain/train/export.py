@@ -13,24 +13,11 @@ import torch
 from omegaconf import OmegaConf
 
 from mixtrain.errors import UserError
-from mixtrain.files import run_dir_of_path
+from mixtrain.rundir import RunDir
 
 
 def _strip_prefix(state_dict: dict[str, Any], prefix: str = "model.") -> dict[str, torch.Tensor]:
     return {k[len(prefix) :]: v for k, v in state_dict.items() if k.startswith(prefix)}
-
-
-# Files `mixtrain train` writes into a run directory before its first checkpoint
-# (checkpoints/ itself appears when training starts).
-_RUN_DIR_MARKERS = ("checkpoints", "config.yaml", "result.json", ".hydra", "wandb_id")
-
-
-def is_run_dir(path: Path) -> bool:
-    """A folder ``mixtrain train`` made (``checkpoints/``, ``config.yaml``, ``result.json``,
-    ``.hydra/`` or ``wandb_id``), not an exported model folder or a sharded checkpoint."""
-    if not path.is_dir() or (path / "model.safetensors").is_file() or (path / ".metadata").is_file():
-        return False
-    return any((path / name).exists() for name in _RUN_DIR_MARKERS)
 
 
 def resolve_checkpoint(source: str | os.PathLike) -> Path:
@@ -43,7 +30,7 @@ def resolve_checkpoint(source: str | os.PathLike) -> Path:
     path = Path(source)
     if not path.exists():
         raise UserError(f"{path} does not exist: give a run directory, a checkpoint, or an exported model folder")
-    if is_run_dir(path):
+    if RunDir.is_run_dir(path):
         if not list_checkpoints(path):
             raise UserError(f"{path} is a run directory with no checkpoint yet (nothing under checkpoints/): "
                             f"train it first, or pass a checkpoint path")
@@ -95,7 +82,7 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     if cfg is None:
         raise UserError(f"{source} carries no mixtrain config; export needs a checkpoint written by mixtrain train")
     src = Path(source)
-    out_dir = Path(out) if out else (src if is_run_dir(src) else run_dir_of_path(src)) / "export"
+    out_dir = Path(out) if out else (src if RunDir.is_run_dir(src) else RunDir.of_path(src).path) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each weight is its own tensor (a tied head is the embedding itself, not a copy).
     tensors = {k: v.contiguous() for k, v in state.items()}
@@ -103,7 +90,7 @@ def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -
     save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
     os.replace(tmp, out_dir / "model.safetensors")
     OmegaConf.save(OmegaConf.create(cfg), out_dir / "config.yaml")
-    tokenizer = run_dir_of_path(source) / "tokenizer.json"
+    tokenizer = RunDir.of_path(source).tokenizer_file
     if tokenizer.is_file() and tokenizer.resolve() != (out_dir / "tokenizer.json").resolve():
         shutil.copyfile(tokenizer, out_dir / "tokenizer.json")
     return out_dir

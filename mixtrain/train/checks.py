@@ -1,0 +1,218 @@
+"""The checks a training job makes before anything heavy happens.
+
+:func:`check_recipe` runs on the composed recipe alone, before the run directory
+exists (so a refused run leaves nothing behind) and returns the :class:`Plan` the job
+follows; :func:`check_resume` and :func:`check_init_from` compare with what an
+earlier run recorded. Every refusal is a :class:`~mixtrain.errors.UserError` that
+names the key and says what to do.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from mixtrain.errors import UserError
+from mixtrain.layouts import Layout, LayoutError, build_layout
+
+# Settings a later stage may change on the previous stage's weights.
+STAGE_MAY_CHANGE = ("name", "rope_theta", "max_seq_len", "attn_impl", "sliding_window")
+
+
+@dataclass
+class Plan:
+    """What the checks found: the layout, the device, and the step budget."""
+
+    layout: Layout
+    on_gpu: bool
+    world_size: int
+    accumulate: int
+    total_steps: int
+
+
+def check_recipe(cfg: DictConfig) -> Plan:
+    """Every check that needs only the recipe (and the files it names), in the order a
+    user would fix them. Nothing is written."""
+    check_config(cfg)
+    check_stage(cfg)
+    try:
+        layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
+    except LayoutError as e:
+        raise UserError(f"layout: {e}") from e
+    on_gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+    check_device_support(cfg, on_gpu)
+    world = world_size_of(cfg)
+    steps = plan_steps(cfg, world)
+    return Plan(layout, on_gpu, world, steps["accumulate"], steps["total_steps"])
+
+
+def _model_differences(cfg: DictConfig, layout, previous: dict[str, Any], may_change: tuple[str, ...]) -> list[str]:
+    """How the model and layout of ``cfg`` differ from those of a saved config."""
+    mine = OmegaConf.to_container(cfg.model, resolve=True)
+    theirs = previous["model"]
+    diff = [f"model.{k}: {theirs.get(k)!r} there, {mine[k]!r} here" for k in mine
+            if k not in may_change and theirs.get(k, mine[k]) != mine[k]]
+    if not diff and "layout" in previous:
+        prev_layout = build_layout(previous["layout"], theirs["n_layers"], theirs.get("sliding_window", 1))
+        shape = lambda lay: [(l.kind, l.kv_source, l.attn_source) for l in lay.layers]  # noqa: E731
+        if shape(prev_layout) != shape(layout):
+            diff.append(f"layout: {prev_layout.name} there, {layout.name} here (different layer kinds or KV sharing)")
+    return diff
+
+
+def check_init_from(cfg: DictConfig, layout, previous: Optional[dict[str, Any]]) -> None:
+    """``train.init_from`` must hold the same model (up to RoPE theta, length and
+    kernel) with the same layout structure, or its weights mean something else."""
+    if not previous or "model" not in previous:
+        return  # a bare weights file: load_state_dict still checks names and shapes
+    diff = _model_differences(cfg, layout, previous, STAGE_MAY_CHANGE)
+    if diff:
+        raise UserError(
+            f"train.init_from={cfg.train.init_from} holds a different model: " + "; ".join(diff)
+            + ". Start from a run of the same model and layout"
+        )
+
+
+def check_resume(cfg: DictConfig, layout, run_dir, ckpt_path: str) -> None:
+    """A run continues with the model and layout it was started with (its
+    ``config.yaml``); only the attention kernel may change."""
+    from mixtrain.rundir import RunDir
+
+    run = RunDir(run_dir)
+    previous = run.read_config()  # no readable record: loading the checkpoint still checks shapes
+    if previous is None or "model" not in previous:
+        return
+    diff = _model_differences(cfg, layout, previous, ("attn_impl",))
+    if diff:
+        raise UserError(
+            f"run {run.path} was trained with a different model than this command asks for: " + "; ".join(diff)
+            + f". To continue it ({Path(ckpt_path).name}) give the model and layout of {run.config_file}; for a new "
+            f"model, start a new run (another run.name, or run.resume=never in a new directory); nothing was changed"
+        )
+
+
+def _choice(key: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise UserError(f"{key}={value!r} is not known; use one of: {', '.join(map(str, allowed))}")
+
+
+def check_config(cfg: DictConfig) -> None:
+    """Settings that would otherwise fail deep inside the run (after the run
+    directory is made and the data prepared), checked up front with the key named."""
+    _choice("train.trainable", cfg.train.trainable, ("all", "attention"))
+    _choice("train.stage", cfg.train.stage, ("pretrain", "extend", "longqa"))
+    _choice("trainer.strategy", cfg.trainer.strategy, ("auto", "ddp", "fsdp"))
+    _choice("trainer.activation_checkpointing", cfg.trainer.activation_checkpointing, ("none", "full", "selective"))
+    _choice("logger.kind", cfg.logger.kind, ("wandb", "csv", "none"))
+    _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
+    _choice("data.kind", cfg.data.kind, ("pretrain", "longqa", "recall"))
+    check_model_config(cfg.model)
+    if cfg.data.kind == "longqa":
+        from mixtrain.data.longqa import SOURCES, offline_generator
+
+        _choice("data.qa_source", cfg.data.qa_source, SOURCES)
+        if cfg.data.qa_source == "offline":
+            offline_generator(cfg.data.qa_generator)  # unknown names and imports fail here, named
+        if cfg.data.qa_source == "jsonl" and not cfg.data.qa_path:
+            raise UserError("data.qa_source=jsonl needs data.qa_path=<file.jsonl or glob>")
+        if cfg.data.qa_chunk_tokens < 1:
+            raise UserError(f"data.qa_chunk_tokens={cfg.data.qa_chunk_tokens} must be at least 1")
+    for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps"):
+        if cfg.train[key] < 1:
+            raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+
+
+def check_stage(cfg: DictConfig) -> None:
+    """Stages 2 and 3 start from the previous stage's weights and tokenizer."""
+    if cfg.train.stage == "pretrain":
+        return
+    if not cfg.train.init_from:
+        raise UserError(
+            f"stage {cfg.train.stage!r} starts from the previous stage's weights: set "
+            f"train.init_from=<that run's directory or export> (e.g. train.init_from=runs/my-run)"
+        )
+    tokenizer = str(cfg.data.tokenizer)
+    if tokenizer.endswith(".json") and not Path(tokenizer).is_file():
+        raise UserError(
+            f"stage {cfg.train.stage!r} reuses the previous stage's tokenizer, but {tokenizer} does not "
+            f"exist: train.init_from={cfg.train.init_from} must be the previous stage's run directory, an export, "
+            f"or a checkpoint inside a run (they hold tokenizer.json)"
+        )
+
+
+def check_model_config(m: DictConfig) -> None:
+    """The ``model`` group's values, checked with the key named (``mixtrain train`` and
+    ``mixtrain layout`` both refuse a model that cannot be built)."""
+    from mixtrain.model.attention import ATTN_IMPLS
+
+    _choice("model.attn_impl", m.attn_impl, ATTN_IMPLS)
+    for key in ("vocab_size", "d_model", "n_layers", "n_heads", "n_kv_heads", "head_dim", "max_seq_len"):
+        if m[key] < 1:
+            raise UserError(f"model.{key}={m[key]} must be at least 1")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_heads={m.n_heads} must be a multiple of model.n_kv_heads={m.n_kv_heads} (GQA groups)")
+    if m.head_dim % 2:
+        raise UserError(f"model.head_dim={m.head_dim} must be even (RoPE rotates pairs of dimensions)")
+    if m.moe is not None:
+        _choice("model.moe.impl", m.moe.impl, ("native", "megablocks"))
+        if not 1 <= m.moe.top_k <= m.moe.n_experts:
+            raise UserError(f"model.moe.top_k={m.moe.top_k} must be between 1 and model.moe.n_experts={m.moe.n_experts}")
+
+
+def check_device_support(cfg: DictConfig, on_gpu: bool) -> None:
+    """Kernels that cannot train on the device this run gets, refused before anything
+    is made (not as a traceback from the first backward pass)."""
+    if on_gpu:
+        return
+    if cfg.model.attn_impl == "flex":
+        raise UserError(
+            "model.attn_impl=flex trains on CUDA only (FlexAttention has no backward pass on CPU); "
+            "on this machine use model.attn_impl=sdpa (the same attention; auto picks it off-GPU)"
+        )
+    if cfg.model.moe is not None and cfg.model.moe.impl == "megablocks":
+        from mixtrain.model.moe import MEGABLOCKS_HINT
+
+        raise UserError("no GPU is visible, and megablocks runs on CUDA only. " + MEGABLOCKS_HINT)
+
+
+def world_size_of(cfg: DictConfig) -> int:
+    """Processes that will train, known before the Trainer exists."""
+    if "WORLD_SIZE" in os.environ:
+        return int(os.environ["WORLD_SIZE"])
+    devices = cfg.trainer.devices
+    if devices in ("auto", -1, "-1"):
+        gpu = cfg.trainer.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+        devices = torch.cuda.device_count() if gpu else 1
+    if not isinstance(devices, (int, str)):  # a list of device indices
+        devices = len(devices)
+    return int(devices) * int(cfg.trainer.num_nodes)
+
+
+def plan_steps(cfg: DictConfig, world_size: int) -> dict[str, int]:
+    """Gradient accumulation and the number of optimizer steps from token budgets."""
+    t = cfg.train
+    if t.seq_len > cfg.model.max_seq_len:
+        raise UserError(
+            f"train.seq_len={t.seq_len} is longer than the model's model.max_seq_len={cfg.model.max_seq_len}; "
+            f"lower train.seq_len or raise model.max_seq_len (RoPE tables are built for max_seq_len)"
+        )
+    per_micro = t.micro_batch_size * t.seq_len * world_size
+    if t.global_batch_tokens % per_micro:
+        raise UserError(
+            f"train.global_batch_tokens={t.global_batch_tokens} is not a multiple of "
+            f"train.micro_batch_size x train.seq_len x devices = {t.micro_batch_size} x {t.seq_len} x {world_size} "
+            f"= {per_micro}; choose e.g. train.global_batch_tokens={max(1, round(t.global_batch_tokens / per_micro)) * per_micro}"
+        )
+    accumulate = t.global_batch_tokens // per_micro
+    total_steps = int(t.max_tokens) // int(t.global_batch_tokens)
+    if total_steps < 1:
+        raise UserError(
+            f"train.max_tokens={t.max_tokens} is less than one optimizer step of "
+            f"train.global_batch_tokens={t.global_batch_tokens}"
+        )
+    return {"accumulate": accumulate, "total_steps": total_steps}
