@@ -13,7 +13,7 @@ import torch
 
 from mixtrain.train.checkpoint import latest_checkpoint
 from mixtrain.train.export import read_checkpoint
-from test_train import base_overrides, run
+from helpers import base_overrides, run
 
 
 def grad_norms(run_dir) -> list[float]:

@@ -200,19 +200,31 @@ def test_bench_infer_cpu(tmp_path, capsys):
     assert args.func(args) == 0
     result = json.loads((out / "bench_infer.json").read_text())
     assert (out / "kv_memory.png").stat().st_size > 1000
-    from mixtrain.config import compose
-
-    mc = compose(["model=tiny"]).model
     rows = {r["layout"]: r for r in result["layouts"]}
+    # By hand for model=tiny in fp32 (2 KV heads of dim 16: 2 x 2 x 16 x 4 = 256 bytes per
+    # stored token of a producer), context 96, W=32: standard stores 6 x 96 tokens; ma_offset
+    # (0:s 1:s<0 2:s 3:s<2 4:s<2 5:G) 96 + 2 x 32; swa 6 x 32. Within 1 MiB of KV:
+    # 1048576 // bytes sequences.
+    # Decode reads at 94 cached columns (context 96, 3 timed steps after 2 warm-up steps,
+    # the middle one), batch 2: every layer reads its (possibly shared) cache, a sliding
+    # one min(94, 32) columns: standard 6 x 94, ma_offset 5 x 32 + 94, swa 6 x 32 columns.
+    by_hand = {  # (KV bytes per sequence, sequences that fit, attention bytes per decode step)
+        "standard": (6 * 96 * 256, 7, 2 * 6 * 94 * 256),
+        "ma_offset": ((96 + 2 * 32) * 256, 25, 2 * (5 * 32 + 94) * 256),
+        "swa": (6 * 32 * 256, 21, 2 * 6 * 32 * 256),
+    }
+    assert sorted(rows) == sorted(by_hand)
     for name, r in rows.items():
-        acc = kv_bytes_per_sequence(mc, make_preset(name, 6, mc.sliding_window), 96, 4)
-        assert r["kv_bytes_per_sequence"] == r["accounting_bytes_per_sequence"] == acc
-        assert r["kv_bytes_per_token"] == acc / 96
-        assert r["max_batch"] == r["max_batch_arithmetic"] == 2**20 // acc  # CPU: the KV budget arithmetic
+        kv_bytes, fits, attn_bytes = by_hand[name]
+        assert r["kv_bytes_per_sequence"] == r["accounting_bytes_per_sequence"] == kv_bytes  # allocated == counted
+        assert r["kv_bytes_per_token"] == kv_bytes / 96
+        assert r["max_batch"] == r["max_batch_arithmetic"] == fits  # CPU: the KV budget arithmetic
         assert r["max_batch_verified"] is None and r["fit_method"] == "KV budget"
         assert r["activation_bytes_per_seq"] == 0  # a KV-only budget reserves nothing
-        assert r["decode_batch"] == min(2, r["max_batch"]) and r["decode_tok_s"] > 0
-    assert rows["ma_offset"]["tokens_fit_vs_base"] == pytest.approx(rows["ma_offset"]["max_batch"] / rows["standard"]["max_batch"])
+        assert r["decode_batch"] == 2 and r["decode_steps"] == 3 and r["decode_tok_s"] > 0
+        assert r["attn_bytes_per_step"] == attn_bytes
+    assert rows["ma_offset"]["tokens_fit_vs_base"] == 25 / 7 and rows["swa"]["tokens_fit_vs_base"] == 21 / 7
+    assert rows["ma_offset"]["kv_reduction_vs_base"] == 6 * 96 / 160
     table = capsys.readouterr().out
     assert "ma_offset" in table and "fits (KV budget)" in table and "KV budget 1 MiB (KV cache only)" in table
     assert result["meta"]["fit_method"].startswith("KV budget")

@@ -148,7 +148,7 @@ def test_slurm_warning_signal_requeues_the_job(tmp_path):
 
 @pytest.mark.slow
 def test_two_cpu_processes_through_the_launcher_and_restart(shared_cache, tmp_path):
-    from test_train import base_overrides
+    from helpers import base_overrides
 
     overrides = base_overrides(shared_cache, tmp_path, "unused", "train.max_tokens=1024", "train.save_every_steps=1")
     overrides = [o for o in overrides if not o.startswith("run.name=")]
@@ -211,7 +211,7 @@ def test_submitit_local_launcher_runs_points_in_their_own_processes(shared_cache
     """The pickled job runs in a fresh process (as on SLURM): the sweep directory, the
     run directories and the failure summary must still come out right."""
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="pip install hydra-submitit-launcher")
-    from test_sweep import mixtrain, sweep_dir, tiny
+    from helpers import mixtrain, sweep_dir, tiny
 
     root = tmp_path / "runs"
     proc = mixtrain(

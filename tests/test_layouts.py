@@ -348,6 +348,21 @@ def test_recipe_examples_content():
     assert bl.layers == make_preset("characterai", 24, W).layers
 
 
-def test_schema_rejects_typo_key():
-    with pytest.raises(Exception):
+def test_schema_rejects_typo_key(tmp_path, monkeypatch):
+    """A misspelt key fails when the recipe is composed, before anything runs, and the
+    message names the key and the schema it is not in (a user's layout file and an
+    override alike)."""
+    from omegaconf.errors import ConfigKeyError
+
+    from mixtrain.config import compose
+    from mixtrain.errors import UserError
+
+    with pytest.raises(ConfigKeyError, match=r"Key 'presett' not in 'LayoutConfig'"):
         OmegaConf.merge(OmegaConf.structured(LayoutConfig), OmegaConf.create({"presett": "ma"}))
+    (tmp_path / "layout").mkdir()
+    (tmp_path / "layout" / "my_typo.yaml").write_text("presett: ma\n")
+    monkeypatch.setenv("MIXTRAIN_RECIPES", str(tmp_path))
+    with pytest.raises(UserError, match=r"(?s)layout/my_typo.*Key 'presett' not in 'LayoutConfig'"):
+        compose(["layout=my_typo"])
+    with pytest.raises(UserError, match=r"(?s)layout\.windw.*Key 'windw' not in 'LayoutConfig'"):
+        compose(["layout=ma_offset", "layout.windw=64"])

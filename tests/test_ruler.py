@@ -20,7 +20,7 @@ LENGTH = 1024
 
 @pytest.fixture(scope="module")
 def tok_and_docs():
-    from test_longqa import WORDS  # the same cheap synthetic corpus
+    from helpers import WORDS  # the same cheap synthetic corpus as test_longqa
 
     import random
 

@@ -13,33 +13,8 @@ from mixtrain.config import compose
 from mixtrain.errors import UserError
 from mixtrain.train.checkpoint import latest_checkpoint, list_checkpoints
 from mixtrain.train.export import export, load_model, read_checkpoint
-from mixtrain.train.run import train
 
-
-def base_overrides(cache: Path, root: Path, name: str, *extra: str) -> list[str]:
-    return [
-        "model=tiny",
-        "layout=ma_offset",
-        "logger=csv",
-        "trainer.progress_bar=false",
-        "trainer.log_every_n_steps=1",
-        f"data.cache_dir={cache}",
-        "data.embedded_max_chars=300000",
-        "train.seq_len=64",
-        "train.micro_batch_size=4",
-        "train.global_batch_tokens=512",  # 2 micro-batches accumulated
-        "train.max_tokens=3072",  # 6 optimizer steps
-        "train.val_every_steps=3",
-        "train.val_batches=2",
-        "train.save_every_steps=3",
-        f"run.root={root}",
-        f"run.name={name}",
-        *extra,
-    ]
-
-
-def run(cache, root, name, *extra):
-    return train(compose(base_overrides(cache, root, name, *extra)))
+from helpers import run
 
 
 def losses(run_dir: Path) -> dict[int, float]:
@@ -258,9 +233,14 @@ def test_init_from_a_different_layout_is_refused(shared_cache, tmp_path):
             f"train.init_from={tmp_path / 'base'}")
 
 
-def test_train_loss_is_the_mean_over_the_micro_batches_of_a_step():
+def test_train_loss_is_the_token_weighted_mean_over_the_micro_batches_of_a_step():
+    """The logged step loss is sum(CE over every supervised token of the step) / their
+    number, not the mean of the micro-batches' means: with 3 supervised tokens in one
+    micro-batch and 32 in the other the two differ, and only the first is accepted."""
+    import torch.nn.functional as F
+
     from mixtrain.layouts import build_layout
-    from mixtrain.train.module import LMModule, lm_loss
+    from mixtrain.train.module import LMModule
 
     cfg = compose(["model=tiny", "layout=ma_offset"])
     layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
@@ -269,15 +249,31 @@ def test_train_loss_is_the_mean_over_the_micro_batches_of_a_step():
     logged = {}
     module.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
     g = torch.Generator().manual_seed(0)
-    batches = [{"input_ids": torch.randint(0, 512, (2, 16), generator=g),
-                "labels": torch.randint(0, 512, (2, 16), generator=g)} for _ in range(2)]
+    batches = []
+    for n_supervised in (3, 32):
+        labels = torch.randint(0, 512, (2, 16), generator=g)
+        labels.view(-1)[n_supervised:] = -100
+        batches.append({"input_ids": torch.randint(0, 512, (2, 16), generator=g), "labels": labels})
     for i, b in enumerate(batches):
         module.training_step(b, i)
     module._log_step_metrics()
+    # Reference: the model's logits, cross-entropy summed token by token in float64.
+    sums, counts, means = [], [], []
     with torch.no_grad():
-        ces = [float(lm_loss(module.model(b["input_ids"]), b["labels"])[1]["ce"]) for b in batches]
-    assert ces[0] != ces[1]
-    assert logged["train/loss"] == pytest.approx(sum(ces) / 2, rel=1e-6)
+        for b in batches:
+            logits = module.model(b["input_ids"]).logits.double().reshape(-1, 512)
+            labels = b["labels"].reshape(-1)
+            keep = labels != -100
+            per_token = F.cross_entropy(logits[keep], labels[keep], reduction="none")
+            sums.append(float(per_token.sum()))
+            counts.append(int(keep.sum()))
+            means.append(float(per_token.mean()))
+    assert counts == [3, 32]
+    token_weighted = sum(sums) / sum(counts)
+    mean_of_means = sum(means) / 2
+    assert abs(token_weighted - mean_of_means) > 1e-3  # the case tells the two apart
+    assert logged["train/loss"] == pytest.approx(token_weighted, rel=1e-5, abs=0)
+    assert logged["train/loss"] != pytest.approx(mean_of_means, rel=1e-4)
 
 
 def test_validation_loss_is_weighted_by_supervised_tokens():

@@ -19,7 +19,7 @@ import resource
 import shlex
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 
@@ -39,8 +39,11 @@ def bench_config(
     activation_checkpointing: str = "none",
     compile: bool = False,
     seed: int = 0,
+    peak_flops: Optional[float] = None,
 ) -> dict[str, Any]:
-    """Time ``steps`` training steps of the model the overrides describe."""
+    """Time ``steps`` training steps of the model the overrides describe. ``peak_flops``
+    (FLOP/s) replaces the device's known bf16 peak for MFU (for GPUs the table does not
+    know); without it MFU needs an A100, H100 or H200."""
     from mixtrain.config import compose
     from mixtrain.layouts import LayoutError, build_layout
     from mixtrain.model import build_model
@@ -89,7 +92,7 @@ def bench_config(
     dt = (time.perf_counter() - t0) / steps
     tokens = micro_batch * seq_len
     flops = accounting.train_flops_per_token(cfg.model, layout, seq_len)
-    peak = accounting.peak_flops(torch.cuda.get_device_name(device), "bf16") if on_gpu else None
+    peak = peak_flops or (accounting.peak_flops(torch.cuda.get_device_name(device), "bf16") if on_gpu else None)
     counts = accounting.param_counts(cfg.model, layout)
     return {
         "config": " ".join(overrides),
@@ -131,6 +134,7 @@ def run_bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                 device=device,
                 activation_checkpointing=args.activation_checkpointing,
                 compile=args.compile,
+                peak_flops=args.peak_tflops * 1e12 if args.peak_tflops else None,
             )
         )
         if device.type == "cuda":
@@ -167,7 +171,7 @@ def _main(args: argparse.Namespace) -> int:
     results = run_bench(args)
     print(format_table(results))
     if results[0]["mfu"] is None:
-        print("(MFU needs a GPU with a known peak: A100, H100, H200)")
+        print("(MFU needs a GPU with a known peak: A100, H100, H200; or give --peak-tflops)")
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_train.json").write_text(json.dumps(results, indent=2))
@@ -196,6 +200,9 @@ def register(bench_subparsers) -> argparse.ArgumentParser:
     p.add_argument("--compile", action="store_true", help="torch.compile each block")
     p.add_argument("--device", default="auto", help="auto, cuda or cpu")
     p.add_argument("--threads", type=int, default=None, help="CPU threads (steadier CPU timings)")
+    p.add_argument("--peak-tflops", type=float, default=None,
+                   help="the device's dense bf16 peak in TFLOP/s, for MFU on a GPU the built-in table does not "
+                   "know (A100, H100, H200 are known)")
     p.add_argument("--out", default="bench_train", help="folder for bench_train.json")
     p.set_defaults(func=_main)
     return p
