@@ -25,8 +25,7 @@ from mixtrain.data.longqa import (
 )
 from mixtrain.data.tokenizer import EOS_TOKEN, train_bpe
 
-WORDS = ("river stone light shadow forest ocean tower garden silver window paper engine market "
-         "winter summer harbor valley candle mirror letter bridge castle meadow lantern").split()
+from helpers import WORDS
 
 
 def make_docs(folder: Path, n: int, sentences: tuple[int, int], seed: int = 0) -> list[Path]:
