@@ -163,6 +163,23 @@ class DataConfig:
     qa_document_field: Optional[str] = None
     # Build at most this many training examples (null: until the chunks run out).
     qa_max_examples: Optional[int] = None
+    # ---- data.kind=recall (multi-query associative recall, generated on the fly;
+    # mixtrain/data/recall.py): key-value pairs at random positions, later queries for
+    # their keys, loss on the answers only. Token ids: EOS, filler, keys, values.
+    recall_pairs: int = 8
+    recall_keys: int = 32
+    recall_values: int = 32
+    recall_filler: int = 16
+    # The sliding window W the queries are placed against (recipes/data/recall.yaml:
+    # ${model.sliding_window}); "beyond": every query's pair is outside its window,
+    # "within": inside it, "mixed": each query either way with probability 1/2.
+    recall_window: Optional[int] = None
+    recall_placement: str = "beyond"
+    # Validation placement (null: as training), sequences held out (their own seed stream).
+    recall_val_placement: Optional[str] = None
+    recall_val_sequences: int = 256
+    # Training sequences are indexed 0..n-1 (generated when read) and ordered by the resumable sampler.
+    recall_train_sequences: int = 1_000_000
 
 
 @dataclass

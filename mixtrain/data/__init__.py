@@ -5,6 +5,7 @@
 - :mod:`mixtrain.data.pretrain`: ``prepare``, ``PackedDataset``, ``ResumableSampler``,
   ``PretrainDataModule``
 - :mod:`mixtrain.data.longqa`: ``prepare_longqa``, ``LongQADataModule`` (stage-3 long-context QA)
+- :mod:`mixtrain.data.recall`: ``RecallSpec``, ``RecallDataModule`` (synthetic associative recall)
 - :mod:`mixtrain.data.cli`: the ``mixtrain data`` subcommands
 
 Imports are lazy so ``import mixtrain.data`` stays cheap (no torch/datasets import).
@@ -30,6 +31,8 @@ _EXPORTS = {
     "PretrainDataModule": "pretrain",
     "LongQADataModule": "longqa",
     "prepare_longqa": "longqa",
+    "RecallDataModule": "recall",
+    "RecallSpec": "recall",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -52,6 +55,10 @@ def build_datamodule(cfg, *, seq_len: int, micro_batch_size: int, vocab_size: in
         from mixtrain.data.longqa import LongQADataModule
 
         return LongQADataModule(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, vocab_size=vocab_size)
+    if kind == "recall":
+        from mixtrain.data.recall import RecallDataModule
+
+        return RecallDataModule(cfg, seq_len=seq_len, micro_batch_size=micro_batch_size, vocab_size=vocab_size)
     from mixtrain.errors import UserError
 
-    raise UserError(f"data.kind={kind!r} is not known; use pretrain or longqa")
+    raise UserError(f"data.kind={kind!r} is not known; use pretrain, longqa or recall")

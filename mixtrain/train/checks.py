@@ -112,6 +112,10 @@ def check_config(cfg: DictConfig) -> None:
     _choice("logger.mode", cfg.logger.mode, ("auto", "online", "offline", "disabled"))
     _choice("data.kind", cfg.data.kind, ("pretrain", "longqa", "recall"))
     check_model_config(cfg.model)
+    if cfg.data.kind == "recall":
+        from mixtrain.data.recall import spec_from_config
+
+        spec_from_config(cfg.data, cfg.train.seq_len, cfg.model.vocab_size)  # settings named before anything is made
     if cfg.data.kind == "longqa":
         from mixtrain.data.longqa import SOURCES, offline_generator
 

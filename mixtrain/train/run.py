@@ -51,8 +51,11 @@ def open_run_dir(cfg: DictConfig, plan: Plan) -> tuple[RunDir, Optional[str]]:
     """The run directory (made if needed) and the checkpoint this run resumes from,
     checked against the model the run was started with."""
     from mixtrain.train.checkpoint import resume_path
+    from mixtrain.train.checks import check_places
 
     run = RunDir.of_config(cfg)
+    if is_first_process():
+        check_places(cfg, run.path)
     run.path.mkdir(parents=True, exist_ok=True)
     ckpt_path = resume_path(cfg.run.resume, run.path)
     if ckpt_path:
@@ -138,6 +141,10 @@ def build_callbacks(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optiona
     ]
     if cfg.train.stop_after_steps:
         callbacks.append(StopAfterSteps(cfg.train.stop_after_steps))
+    if cfg.data.kind == "recall":  # val/recall_within, val/recall_beyond (also in result.json)
+        from mixtrain.data.recall import RecallValidation
+
+        callbacks.append(RecallValidation(cfg.data.recall_window))
     if cfg.trainer.progress_bar:
         # Redrawing on every batch floods a log file; a terminal gets a live bar.
         callbacks.append(StepProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))

@@ -1,0 +1,361 @@
+"""Multi-query associative recall (MQAR, Zoology: Arora et al., 2023), generated on the fly.
+
+The probe of whether a layout can retrieve *by content* beyond its sliding window
+(``data=recall``, ``experiment=recall``, ``mixtrain eval --tasks recall``).
+
+One sequence of ``seq_len`` input tokens (``seq_len + 1`` generated, inputs = tokens[:-1],
+labels = tokens[1:]) is cut into 2-token slots. ``data.recall_pairs`` slots at random
+positions hold a key-value pair ``k v``; ``recall_pairs`` later slots hold the queries
+``k v`` (each key of the sequence asked once, in random order); every other slot holds
+two random filler tokens. The loss is on the answers only: ``labels`` is -100 everywhere
+except at a query's key position, whose label is the value that followed that key in
+its pair (the long-QA stage's convention: only answer targets carry a loss).
+
+Token ids (disjoint ranges, so a token's role is its identity)::
+
+    0                                   <|endoftext|> (EOS / pad, never generated)
+    1 .. F                              filler  f0 .. f{F-1}   (F = recall_filler)
+    F+1 .. F+K                          keys    k0 .. k{K-1}   (K = recall_keys)
+    F+K+1 .. F+K+V                      values  v0 .. v{V-1}   (V = recall_values)
+
+Keys of one sequence are distinct, and so are its values: a model that knows which values
+the sequence holds but not which belongs to which key scores 1 / recall_pairs.
+
+Where the queries sit (``data.recall_placement``), with distance d = query position -
+key position of its pair and W = ``data.recall_window`` (the sliding window):
+
+- ``beyond``: every query has d > W, so its pair's value is outside the query's window
+  (query i sees keys j with i - W < j <= i; the value at key + 1 is visible iff d <= W);
+- ``within``: every query has d <= W (a sliding layer sees the pair);
+- ``mixed``: each query is within or beyond with probability 1/2.
+
+Beyond-window queries take a query slot uniformly among the free slots far enough from
+the pair, and pairs sit anywhere that leaves room: distances are long and vary from
+sequence to sequence, so the only way to find the value is by content (match the key,
+read the token that followed it), not by a fixed offset.
+
+Sequence ``i`` of a split is a pure function of (``data.seed``, split, ``i``): the
+training split uses the seed stream ``[seed, 0, i]``, validation ``[seed, 1, i]`` and
+``mixtrain eval --tasks recall`` ``[seed, 2, i]`` (disjoint streams). The training set
+is indexed (``recall_train_sequences`` items) and ordered by the resumable sampler of the
+pretraining data, so ``run.resume=auto`` continues with the same sequences.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from mixtrain.data.corpus import DataError, as_data_config
+
+PLACEMENTS = ("beyond", "within", "mixed")
+STREAMS = {"train": 0, "val": 1, "eval": 2}
+EOS_TOKEN = "<|endoftext|>"
+
+
+class RecallError(DataError):
+    pass
+
+
+@dataclass(frozen=True)
+class RecallSpec:
+    """What one recall sequence looks like (from the ``data.recall_*`` settings)."""
+
+    seq_len: int
+    pairs: int = 8
+    keys: int = 32
+    values: int = 32
+    filler: int = 16
+    window: int = 16
+    placement: str = "beyond"
+    seed: int = 1234
+
+    # ---- token ids
+    @property
+    def eos_id(self) -> int:
+        return 0
+
+    @property
+    def key0(self) -> int:
+        return 1 + self.filler
+
+    @property
+    def value0(self) -> int:
+        return 1 + self.filler + self.keys
+
+    @property
+    def vocab_size(self) -> int:
+        return 1 + self.filler + self.keys + self.values
+
+    @property
+    def slots(self) -> int:
+        return (self.seq_len + 1) // 2  # slots whose both tokens are among the seq_len + 1
+
+    def with_(self, **changes) -> "RecallSpec":
+        from dataclasses import replace
+
+        return replace(self, **changes)
+
+    def check(self, model_vocab_size: Optional[int] = None) -> "RecallSpec":
+        """Raise :class:`RecallError` (naming the setting) for a spec that cannot be generated."""
+        for key in ("pairs", "keys", "values", "window"):
+            if getattr(self, key) < 1:
+                raise RecallError(f"data.recall_{key}={getattr(self, key)} must be at least 1")
+        if self.filler < 1:
+            raise RecallError(f"data.recall_filler={self.filler} must be at least 1 (filler tokens fill the free slots)")
+        if self.placement not in PLACEMENTS:
+            raise RecallError(f"data.recall_placement={self.placement!r} is not known; use one of {list(PLACEMENTS)}")
+        if self.pairs > self.keys or self.pairs > self.values:
+            raise RecallError(
+                f"data.recall_pairs={self.pairs} needs at least as many distinct keys and values "
+                f"(data.recall_keys={self.keys}, data.recall_values={self.values}): a sequence's keys and its "
+                f"values are all different; raise them or lower data.recall_pairs"
+            )
+        if model_vocab_size is not None and self.vocab_size > model_vocab_size:
+            raise RecallError(
+                f"the recall task needs {self.vocab_size} token ids (1 EOS + {self.filler} filler + {self.keys} keys + "
+                f"{self.values} values) but model.vocab_size={model_vocab_size}; raise model.vocab_size or lower "
+                f"data.recall_keys / recall_values / recall_filler"
+            )
+        # The sequence must hold every pair and its query, with beyond-window room.
+        need = 2 * self.pairs + (self.window // 2 + 1 if self.placement != "within" else 0)
+        if self.slots < need:
+            raise RecallError(
+                f"seq_len={self.seq_len} has {self.slots} 2-token slots; {self.pairs} pairs, their {self.pairs} queries "
+                f"and a window of {self.window} need at least {need} (seq_len >= {2 * need - 1}); raise train.seq_len "
+                f"or lower data.recall_pairs / recall_window"
+            )
+        return self
+
+    # ---- generation
+    def sample(self, stream: int, index: int) -> dict[str, np.ndarray]:
+        """Sequence ``index`` of seed stream ``stream``: ``tokens`` [seq_len + 1] and, per
+        query, ``query_pos`` (position of the query's key token), ``key_pos`` (position of
+        its pair's key token), ``distance`` (query_pos - key_pos) and ``answer`` (value id)."""
+        rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(stream), int(index)])
+        for _ in range(1000):
+            got = self._try(rng)
+            if got is not None:
+                return got
+        raise RecallError(  # pragma: no cover - check() leaves room; this needs a pathological spec
+            f"could not place {self.pairs} pairs with their queries ({self.placement}) in seq_len={self.seq_len}; "
+            f"raise train.seq_len or lower data.recall_pairs"
+        )
+
+    def _try(self, rng: np.random.Generator) -> Optional[dict[str, np.ndarray]]:
+        S, n, W = self.slots, self.pairs, self.window
+        # d = 2 * (query slot - pair slot); beyond: d > W, within: 0 < d <= W
+        far = W // 2 + 1  # smallest slot gap that is beyond the window
+        near = W // 2  # largest slot gap within it
+        kinds = {"beyond": np.ones(n, bool), "within": np.zeros(n, bool)}.get(self.placement)
+        beyond = kinds if kinds is not None else rng.random(n) < 0.5
+        used = np.zeros(S, bool)
+        # Pairs: a beyond pair must leave `far` slots after it; pair slots at random.
+        pair_slot = np.empty(n, np.int64)
+        query_slot = np.empty(n, np.int64)
+        for j in range(n):
+            hi = S - far if beyond[j] else S - 1
+            free = np.flatnonzero(~used[:hi])
+            if free.size == 0:
+                return None
+            pair_slot[j] = rng.choice(free)
+            used[pair_slot[j]] = True
+        # Queries, in a random order of the pairs (far pairs first so they find room).
+        for j in rng.permutation(n):
+            a = pair_slot[j]
+            lo, hi = (a + far, S) if beyond[j] else (a + 1, min(S, a + near + 1))
+            free = np.flatnonzero(~used[lo:hi]) + lo
+            if free.size == 0:
+                return None
+            query_slot[j] = rng.choice(free)
+            used[query_slot[j]] = True
+        keys = rng.choice(self.keys, n, replace=False) + self.key0
+        values = rng.choice(self.values, n, replace=False) + self.value0
+        slots = rng.integers(1, 1 + self.filler, size=(self.seq_len // 2 + 1, 2))  # + a filler tail
+        slots[pair_slot, 0], slots[pair_slot, 1] = keys, values
+        slots[query_slot, 0], slots[query_slot, 1] = keys, values
+        tokens = slots.reshape(-1)[: self.seq_len + 1]
+        order = np.argsort(query_slot)
+        return {
+            "tokens": tokens.astype(np.int64),
+            "query_pos": 2 * query_slot[order],
+            "key_pos": 2 * pair_slot[order],
+            "distance": 2 * (query_slot[order] - pair_slot[order]),
+            "answer": values[order].astype(np.int64),
+        }
+
+    def example(self, stream: int, index: int) -> dict[str, torch.Tensor]:
+        """The training example of :meth:`sample`: ``input_ids``, ``labels`` (-100 except at
+        query positions), ``doc_ids`` (zeros) and ``recall_distance`` (the query-to-pair
+        distance at query positions, 0 elsewhere), each [seq_len]."""
+        s = self.sample(stream, index)
+        tokens = torch.from_numpy(s["tokens"])
+        T = self.seq_len
+        labels = torch.full((T,), -100, dtype=torch.long)
+        dist = torch.zeros(T, dtype=torch.long)
+        q = torch.from_numpy(s["query_pos"])
+        labels[q] = torch.from_numpy(s["answer"])
+        dist[q] = torch.from_numpy(s["distance"])
+        return {"input_ids": tokens[:-1].clone(), "labels": labels, "doc_ids": torch.zeros(T, dtype=torch.long),
+                "recall_distance": dist}
+
+    def token_names(self) -> list[str]:
+        return ([EOS_TOKEN] + [f"f{i}" for i in range(self.filler)] + [f"k{i}" for i in range(self.keys)]
+                + [f"v{i}" for i in range(self.values)])
+
+
+def spec_from_config(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = None) -> RecallSpec:
+    """The :class:`RecallSpec` of a data config (``data.recall_*``), checked."""
+    c = as_data_config(cfg)
+    if c.recall_window is None:
+        raise RecallError(
+            "data.recall_window is not set: give the sliding window W of the layouts you probe "
+            "(recipes/data/recall.yaml sets it to ${model.sliding_window})"
+        )
+    return RecallSpec(
+        seq_len=int(seq_len), pairs=c.recall_pairs, keys=c.recall_keys, values=c.recall_values,
+        filler=c.recall_filler, window=int(c.recall_window), placement=c.recall_placement, seed=c.seed,
+    ).check(model_vocab_size)
+
+
+def recall_tokenizer(spec: RecallSpec):
+    """A word-level tokenizer over the task's token names (``f3 k12 v7 ...``), so a run
+    directory holds a tokenizer.json like every other run and ``mixtrain generate`` works."""
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+    from tokenizers.pre_tokenizers import WhitespaceSplit
+
+    from mixtrain.data.tokenizer import Tok
+
+    vocab = {name: i for i, name in enumerate(spec.token_names())}
+    tk = Tokenizer(WordLevel(vocab, unk_token=EOS_TOKEN))
+    tk.pre_tokenizer = WhitespaceSplit()
+    tk.add_special_tokens([EOS_TOKEN])
+    from tokenizers import decoders
+
+    tk.decoder = decoders.WordPiece(prefix="##", cleanup=False)
+    return Tok(tk)
+
+
+class RecallDataset(torch.utils.data.Dataset):
+    """``n`` sequences of one seed stream, generated when indexed (nothing stored)."""
+
+    def __init__(self, spec: RecallSpec, split: str, n: int):
+        if split not in STREAMS:
+            raise ValueError(f"split {split!r}: use one of {list(STREAMS)}")
+        self.spec, self.split, self.n = spec, split, int(n)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        if not -self.n <= i < self.n:
+            raise IndexError(f"sequence {i} out of range for {self.n} {self.split} sequences")
+        return self.spec.example(STREAMS[self.split], i % self.n)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def recall_counts(logits: torch.Tensor, labels: torch.Tensor, distance: torch.Tensor, window: int) -> torch.Tensor:
+    """[correct_within, total_within, correct_beyond, total_beyond] (float64) of a batch:
+    a query is correct when the argmax of its logits is its answer; within means
+    distance <= window (its pair's value inside the query's window), beyond otherwise."""
+    mask = labels != -100
+    correct = (logits.argmax(-1) == labels) & mask
+    within = mask & (distance <= window)
+    beyond = mask & (distance > window)
+    return torch.stack([
+        (correct & within).sum(), within.sum(), (correct & beyond).sum(), beyond.sum(),
+    ]).double()
+
+
+def recall_metrics(counts) -> dict[str, Optional[float]]:
+    """Accuracies from summed :func:`recall_counts` (None for a split with no query)."""
+    cw, nw, cb, nb = (float(x) for x in counts)
+    return {
+        "recall_within": cw / nw if nw else None,
+        "recall_beyond": cb / nb if nb else None,
+        "recall": (cw + cb) / (nw + nb) if nw + nb else None,
+        "queries_within": int(nw),
+        "queries_beyond": int(nb),
+    }
+
+
+try:
+    import lightning.pytorch as _pl
+
+    _Callback = _pl.Callback
+except ImportError:  # pragma: no cover
+    _Callback = object
+
+
+class RecallValidation(_Callback):
+    """Logs ``val/recall_within``, ``val/recall_beyond`` and ``val/recall`` (accuracy of the
+    answers on the held-out recall sequences, split by query-to-pair distance) at every
+    validation; they end up in ``result.json`` with the other final metrics."""
+
+    def __init__(self, window: int):
+        self.window = int(window)
+        self._counts: Optional[torch.Tensor] = None
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        self._counts = torch.zeros(4, dtype=torch.float64, device=pl_module.device)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if "recall_distance" not in batch:
+            return
+        logits = pl_module.model(batch["input_ids"]).logits
+        self._counts += recall_counts(logits, batch["labels"], batch["recall_distance"], self.window)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if self._counts is None:
+            return
+        total = trainer.strategy.reduce(self._counts, reduce_op="sum")
+        for key, value in recall_metrics(total.tolist()).items():
+            if key.startswith("recall") and value is not None:
+                pl_module.log(f"val/{key}", float(value), sync_dist=False)
+
+
+# --------------------------------------------------------------------------- Lightning
+
+from mixtrain.data.pretrain import PretrainDataModule  # noqa: E402
+
+
+@dataclass
+class PreparedRecall:
+    spec: RecallSpec
+    tokenizer: Any
+
+
+class RecallDataModule(PretrainDataModule):
+    """Recall sequences for Lightning, with the interface of :class:`PretrainDataModule`
+    (the same resumable sampler over ``data.recall_train_sequences`` indices, loaders,
+    state dict and progress accounting); validation is ``data.recall_val_sequences``
+    sequences of their own seed stream, placed as ``data.recall_val_placement``."""
+
+    def _prepare(self, build: bool = True):
+        spec = spec_from_config(self.cfg, self.seq_len, self.vocab_size)
+        return PreparedRecall(spec, recall_tokenizer(spec))
+
+    def _dataset(self, split: str):
+        spec = self.prepared.spec
+        if split == "val":
+            placement = self.cfg.recall_val_placement or spec.placement
+            return RecallDataset(spec.with_(placement=placement).check(), "val", self.cfg.recall_val_sequences)
+        return RecallDataset(spec, "train", self.cfg.recall_train_sequences)
+
+    def _has_split(self, split: str) -> bool:
+        return split == "train" or self.cfg.recall_val_sequences > 0
+
+    def supervised_tokens_per_example(self) -> Optional[float]:
+        return float(self.prepared.spec.pairs) if self.prepared else float(self.cfg.recall_pairs)
+
+
+__all__ = [
+    "PLACEMENTS", "RecallDataModule", "RecallDataset", "RecallError", "RecallSpec", "RecallValidation",
+    "recall_counts", "recall_metrics", "recall_tokenizer", "spec_from_config",
+]

@@ -1,0 +1,181 @@
+"""The associative-recall probe (mixtrain/data/recall.py, mixtrain/eval/recall.py):
+sequences are a function of (seed, split, index), answers sit where the task says, the
+distance split is exact, validation never repeats training, the data order resumes
+exactly, and a tiny run trains, logs recall by distance to result.json and is scored
+by ``mixtrain eval --tasks recall``."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mixtrain.data.recall import (
+    RecallDataModule,
+    RecallError,
+    RecallSpec,
+    recall_counts,
+    recall_metrics,
+    spec_from_config,
+)
+
+SPEC = RecallSpec(seq_len=64, pairs=6, keys=16, values=16, filler=8, window=8, placement="mixed", seed=7)
+
+
+def data_cfg(**kw):
+    base = {"kind": "recall", "recall_pairs": 6, "recall_keys": 16, "recall_values": 16, "recall_filler": 8,
+            "recall_window": 8, "recall_placement": "mixed", "recall_val_sequences": 16,
+            "recall_train_sequences": 1000, "seed": 7}
+    return {**base, **kw}
+
+
+def test_sequences_depend_only_on_seed_split_and_index():
+    a, b = SPEC.example(0, 5), SPEC.example(0, 5)
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    assert not torch.equal(SPEC.example(0, 5)["input_ids"], SPEC.example(0, 6)["input_ids"])
+    assert not torch.equal(SPEC.example(0, 5)["input_ids"], SPEC.example(1, 5)["input_ids"])
+    assert not torch.equal(SPEC.example(0, 5)["input_ids"], SPEC.with_(seed=8).example(0, 5)["input_ids"])
+
+
+@pytest.mark.parametrize("placement", ["beyond", "within", "mixed"])
+def test_labels_are_the_value_after_the_queried_key(placement):
+    spec = SPEC.with_(placement=placement)
+    dists = []
+    for i in range(60):
+        s = spec.sample(0, i)
+        tok = s["tokens"]
+        ex = spec.example(0, i)
+        x, y, d = ex["input_ids"], ex["labels"], ex["recall_distance"]
+        assert x.shape == y.shape == d.shape == (64,)
+        assert torch.equal(x, torch.from_numpy(tok[:-1]))
+        q = torch.nonzero(y != -100).flatten()
+        assert q.tolist() == sorted(s["query_pos"].tolist()) and len(q) == spec.pairs
+        assert torch.equal(d != 0, y != -100)  # a distance exactly where a loss is
+        for pos in q.tolist():
+            key = int(x[pos])
+            assert spec.key0 <= key < spec.value0  # a key token
+            where = torch.nonzero(torch.from_numpy(tok) == key).flatten().tolist()
+            assert len(where) == 2 and where[1] == pos  # the pair, then its only query
+            p = where[0]
+            assert int(d[pos]) == pos - p
+            assert int(y[pos]) == int(tok[p + 1]) == int(tok[pos + 1])  # the value after the key, and teacher forcing
+            assert spec.value0 <= int(y[pos]) < spec.vocab_size
+            dists.append(pos - p)
+        # Keys distinct and values distinct within a sequence (so knowing the bag of values gives 1/pairs).
+        assert len(set(s["answer"].tolist())) == spec.pairs
+    if placement == "beyond":
+        assert min(dists) > spec.window
+    elif placement == "within":
+        assert max(dists) <= spec.window
+    else:
+        assert min(dists) <= spec.window < max(dists)
+        assert 0.3 < sum(dd > spec.window for dd in dists) / len(dists) < 0.7
+    if placement != "within":  # random positions: beyond distances vary widely
+        far = [dd for dd in dists if dd > spec.window]
+        assert len(set(far)) >= 10 and max(far) >= 40
+
+
+def test_validation_and_eval_streams_never_repeat_training_sequences():
+    dm = RecallDataModule(data_cfg(recall_val_sequences=64), seq_len=64, micro_batch_size=8, vocab_size=64)
+    dm.setup("fit")
+    train = {tuple(dm.train_set[i]["input_ids"].tolist()) for i in range(1000)}
+    val = {tuple(dm.val_set[i]["input_ids"].tolist()) for i in range(64)}
+    ev = {tuple(SPEC.example(2, i)["input_ids"].tolist()) for i in range(64)}
+    assert len(train) == 1000 and len(val) == 64
+    assert not train & val and not train & ev and not val & ev
+
+
+def _batches(dm, n):
+    it = iter(dm.train_dataloader())
+    out = []
+    for _ in range(n):
+        b = next(it)
+        dm.on_batch_consumed(b["input_ids"].size(0))
+        out.append(b)
+    return out
+
+
+def test_data_order_resumes_exactly():
+    full = RecallDataModule(data_cfg(), seq_len=64, micro_batch_size=4, vocab_size=64)
+    full.setup("fit")
+    ref = _batches(full, 7)
+    first = RecallDataModule(data_cfg(), seq_len=64, micro_batch_size=4, vocab_size=64)
+    first.setup("fit")
+    _batches(first, 3)
+    state = first.state_dict()
+    resumed = RecallDataModule(data_cfg(), seq_len=64, micro_batch_size=4, vocab_size=64)
+    resumed.load_state_dict(state)  # before setup, as Lightning does on resume
+    resumed.setup("fit")
+    rest = _batches(resumed, 4)
+    for a, b in zip(ref[3:], rest):
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    # A different seed is a different data order: refused by the sampler.
+    other = RecallDataModule(data_cfg(seed=8), seq_len=64, micro_batch_size=4, vocab_size=64)
+    other.setup("fit")
+    with pytest.raises(Exception, match="data.seed"):
+        other.load_state_dict(state)
+
+
+def test_distance_split_counts():
+    # 1 sequence, 4 queries: distances 3 (within W=4), 4 (within: the value at key+1 is the
+    # oldest token the window holds), 5 and 9 (beyond); the first and the third are right.
+    labels = torch.full((1, 10), -100)
+    dist = torch.zeros(1, 10, dtype=torch.long)
+    for pos, lab, dd in ((2, 7, 3), (4, 8, 4), (6, 9, 5), (8, 7, 9)):
+        labels[0, pos], dist[0, pos] = lab, dd
+    logits = torch.zeros(1, 10, 12)
+    logits[0, 2, 7] = logits[0, 4, 3] = logits[0, 6, 9] = logits[0, 8, 1] = 1.0
+    logits[0, 0, 5] = 1.0  # an unsupervised position never counts
+    counts = recall_counts(logits, labels, dist, window=4)
+    assert counts.tolist() == [1.0, 2.0, 1.0, 2.0]
+    m = recall_metrics(counts)
+    assert (m["recall_within"], m["recall_beyond"], m["recall"]) == (0.5, 0.5, 0.5)
+    assert recall_metrics([0, 0, 3, 4])["recall_within"] is None
+
+
+def test_settings_errors_name_the_key():
+    with pytest.raises(RecallError, match="model.vocab_size=32"):
+        spec_from_config(data_cfg(), seq_len=64, model_vocab_size=32)
+    with pytest.raises(RecallError, match="data.recall_placement='far'"):
+        spec_from_config(data_cfg(recall_placement="far"), seq_len=64)
+    with pytest.raises(RecallError, match="data.recall_pairs=20"):
+        spec_from_config(data_cfg(recall_pairs=20), seq_len=256)
+    with pytest.raises(RecallError, match="raise train.seq_len"):
+        spec_from_config(data_cfg(recall_pairs=12), seq_len=40)
+    with pytest.raises(RecallError, match="data.recall_window is not set"):
+        spec_from_config(data_cfg(recall_window=None), seq_len=64)
+
+
+def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, capsys):
+    from mixtrain.config import compose
+    from mixtrain.eval.recall import evaluate
+    from mixtrain.train.export import load_model
+    from mixtrain.train.run import train
+
+    cfg = compose([
+        "experiment=recall", "model.n_layers=2", "layout=standard", "trainer.progress_bar=false",
+        "train.seq_len=32", "train.micro_batch_size=8", "train.global_batch_tokens=256", "train.max_tokens=1536",
+        "train.val_every_steps=3", "train.val_batches=2", "train.save_every_steps=3", "data.recall_pairs=4",
+        "data.recall_val_sequences=16", f"run.root={tmp_path}", "run.name=r",
+    ])
+    out = train(cfg)
+    assert out["steps"] == 6
+    result = json.loads((tmp_path / "r" / "result.json").read_text())
+    m = result["metrics"]
+    for key in ("val/recall_within", "val/recall_beyond", "val/recall"):
+        assert 0.0 <= m[key] <= 1.0, key
+    # 16 validation sequences x 4 queries, all scored: the overall accuracy is a multiple of 1/64.
+    assert abs(m["val/recall"] * 64 - round(m["val/recall"] * 64)) < 1e-4
+    model, mcfg = load_model(tmp_path / "r")
+    res = evaluate(model, mcfg, tmp_path / "eval", lengths=[32, 64], samples=8, batch_size=4)
+    saved = json.loads((tmp_path / "eval" / "recall.json").read_text())
+    assert saved["by_length"].keys() == {"32", "64"}
+    assert saved["settings"]["pairs"] == 4 and saved["settings"]["window"] == 8
+    r64 = saved["by_length"]["64"]
+    assert r64["queries_within"] + r64["queries_beyond"] == 8 * 4
+    assert sum(b["queries"] for b in r64["buckets"]) == 8 * 4
+    assert res["recall_beyond"] == saved["recall_beyond"]
+    assert "beyond (d>W)" in capsys.readouterr().out
