@@ -115,9 +115,18 @@ class DataConfig:
     text_field: str = "text"
     # Size cap of the embedded corpus in characters (it is built once and cached).
     embedded_max_chars: int = 4_000_000
-    # "train": byte-level BPE trained on this corpus (cached); or a tokenizer.json path;
-    # or an HF tokenizer name (needs network unless cached).
+    # "train": byte-level BPE trained on this corpus (cached); a tokenizer.json path or an
+    # HF tokenizer folder; a tiktoken encoding ("tiktoken:cl100k_base", its file already
+    # on this machine, or a path to a .tiktoken file); or an HF hub name (needs network
+    # unless cached). See mixtrain/data/tokenizer.py.
     tokenizer: str = "train"
+    # The token that ends each document / pads (null: the tokenizer's own, see
+    # tokenizer.py); a token the vocabulary lacks is added as a special token.
+    eos_token: Optional[str] = None
+    pad_token: Optional[str] = None
+    # The tiktoken encoding (split pattern, special tokens) of a .tiktoken file whose name
+    # is not the encoding's (null: the file name, e.g. cl100k_base.tiktoken).
+    tiktoken_encoding: Optional[str] = None
     # Vocabulary size of a trained tokenizer; null takes model.vocab_size.
     vocab_size: Optional[int] = None
     cache_dir: str = "${oc.env:MIXTRAIN_CACHE,${oc.env:HOME}/.cache/mixtrain}"
