@@ -69,7 +69,7 @@ def _train_main() -> None:
             exclude = list(dict.fromkeys([*_recipe_exclude_keys(), *fixed]))
             extra.append(f"{dirname_key}=[" + ",".join(f"'{k}'" for k in exclude) + "]")
         if "hydra.callbacks.mixtrain_sweep" not in keys:
-            extra.append("+hydra.callbacks.mixtrain_sweep={_target_:mixtrain.report.SweepOutcome}")
+            extra.append("+hydra.callbacks.mixtrain_sweep={_target_:mixtrain.train.sweep.SweepOutcome}")
         return [*argv, *extra]
 
     def _recipe_exclude_keys() -> list[str]:
@@ -110,8 +110,10 @@ def _train_main() -> None:
             except BaseException as e:
                 from mixtrain.train.run import is_first_process
 
-                if is_first_process() and not isinstance(e, SystemExit):  # result.json says how it ended
-                    RunDir.of_config(cfg).write_result({"status": "failed", "error": f"{type(e).__name__}: {e}"})
+                if is_first_process() and not isinstance(e, SystemExit):  # result.json says how it ended,
+                    run = RunDir.of_config(cfg)  # unless it ended before writing anything: then no folder
+                    if not run.discard_if_unused():
+                        run.write_result({"status": "failed", "error": f"{type(e).__name__}: {e}"})
                 if isinstance(e, UserError):
                     print(f"mixtrain train: error: {e}", file=sys.stderr)
                     sys.exit(2)
@@ -145,7 +147,7 @@ def _train_main() -> None:
         return result.get("val_loss") if result else None
 
     _run()
-    from mixtrain.report import SweepOutcome
+    from mixtrain.train.sweep import SweepOutcome
 
     # Jobs that ran in this process, and those a remote launcher (submitit) ran
     # elsewhere, which SweepOutcome found in the sweep directory's result.json files.

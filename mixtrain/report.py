@@ -205,51 +205,7 @@ def format_layout_summary(summary: dict[str, Any], diagram_text: str = "") -> st
 # Sweeps: which points failed (a Hydra callback), and `mixtrain compare`
 # ---------------------------------------------------------------------------
 
-try:
-    from hydra.experimental.callback import Callback as _HydraCallback
-except ImportError:  # pragma: no cover - hydra is a dependency
-    _HydraCallback = object  # type: ignore[misc,assignment]
-
-
-class SweepOutcome(_HydraCallback):  # type: ignore[misc]
-    """A Hydra callback that ``mixtrain train`` adds to every invocation: at the end of a
-    sweep it reads the points' ``result.json`` (written by this invocation) and keeps the
-    failed ones in ``SweepOutcome.failed``, so the command exits non-zero naming them,
-    whichever launcher ran the points (in this process, or SLURM jobs via submitit)."""
-
-    failed: list[str] = []
-    sweep_dir: Optional[str] = None
-
-    def __init__(self) -> None:
-        import time
-
-        self.started = time.time()
-
-    def __setstate__(self, state: dict) -> None:
-        # Unpickled in a submitit job's fresh process before Hydra resolves the job's
-        # directory (``${mixtrain.stamp:}``): register the resolvers there.
-        from .config import register_resolvers
-
-        register_resolvers()
-        self.__dict__.update(state)
-
-    def on_multirun_end(self, config: Any, **kwargs: Any) -> None:
-        import json
-        from pathlib import Path
-
-        sweep = Path(str(config.hydra.sweep.dir))
-        failed = []
-        for path in sorted(sweep.rglob("result.json")):
-            try:
-                if path.stat().st_mtime < self.started - 1:
-                    continue  # an earlier invocation's point
-                res = json.loads(path.read_text())
-            except (OSError, ValueError):
-                continue
-            if res.get("status") == "failed":
-                error = str(res.get("error", "")).splitlines()
-                failed.append(f"{path.parent.relative_to(sweep)} ({error[0] if error else 'failed'})")
-        SweepOutcome.failed, SweepOutcome.sweep_dir = failed, str(sweep)
+from .train.sweep import SweepOutcome  # noqa: E402,F401 - its old home; the callback lives beside training
 
 
 def _is_run_dir(d: "Path") -> bool:

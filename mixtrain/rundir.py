@@ -112,6 +112,20 @@ class RunDir:
     def tokenizer_file(self) -> Path:
         return self.path / "tokenizer.json"
 
+    def discard_if_unused(self) -> bool:
+        """Remove the folder when it holds nothing but Hydra's record (``.hydra/``): a run
+        refused before it wrote anything leaves nothing behind. True if removed."""
+        import shutil
+
+        try:
+            entries = [p.name for p in self.path.iterdir()]
+        except OSError:
+            return False
+        if any(name != ".hydra" for name in entries):
+            return False
+        shutil.rmtree(self.path, ignore_errors=True)
+        return True
+
     # ------------------------------------------------------ reading, writing
     def write_config(self, yaml_text: str) -> None:
         atomic_write_text(self.config_file, yaml_text)  # other ranks may be reading it

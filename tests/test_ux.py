@@ -73,3 +73,141 @@ def test_resume_past_a_damaged_checkpoint_keeps_the_good_ones(shared_cache, tmp_
     assert res["steps"] == 8
     assert [s for s, _ in list_checkpoints(tmp_path / "r")] == [7, 8]
     assert all(is_loadable(p) for _, p in list_checkpoints(tmp_path / "r"))
+
+
+# --------------------------------------------------------------------- no litter
+def mixtrain_cli(args: list[str], cwd: Path) -> "subprocess.CompletedProcess":
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WANDB_MODE": "offline"}
+    env.pop("MIXTRAIN_RUN_STAMP", None)
+    return subprocess.run([sys.executable, "-m", "mixtrain", *args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def big_tokenizer(tmp_path_factory) -> Path:
+    """A tokenizer.json with more ids than a model.vocab_size=260 has rows."""
+    from mixtrain.data.tokenizer import train_bpe
+
+    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
+    train_bpe(["the quick brown fox jumps over the lazy dog " * 50] * 20, 300).save(path)
+    return path
+
+
+@pytest.mark.parametrize("bad, message", [
+    (["data.val_fraction=1.5"], r"data\.val_fraction=1\.5 must be in \[0, 1\)"),
+    (["optim.lr=-1"], r"optim\.lr=-1.* must be positive"),
+    (["trainer.devices=abc"], r"trainer\.devices='abc' is not a device count"),
+    (["model.vocab_size=260", "data.tokenizer=<TOK>"], r"needs \d+ embedding rows .* model's vocab_size is 260"),
+])
+def test_a_refused_run_leaves_nothing_behind(shared_cache, tmp_path, big_tokenizer, bad, message):
+    import re
+
+    root = tmp_path / "runs"
+    bad = [b.replace("<TOK>", str(big_tokenizer)) for b in bad]
+    res = mixtrain_cli(["train", "model=tiny", "logger=csv", f"data.cache_dir={shared_cache}", f"run.root={root}", *bad],
+                       tmp_path)
+    assert res.returncode == 2, res.stderr
+    assert re.search(message, res.stderr), res.stderr
+    assert "Traceback" not in res.stderr
+    assert not root.exists()  # no run folder, no failed result.json for `mixtrain compare` to list
+
+
+def test_a_sweep_keeps_its_record_of_refused_points(shared_cache, tmp_path):
+    import json
+
+    root = tmp_path / "runs"
+    res = mixtrain_cli(["train", "-m", "model=tiny", "logger=csv", f"data.cache_dir={shared_cache}",
+                        f"run.root={root}", "optim.lr=-1,-2"], tmp_path)
+    assert res.returncode == 1, res.stderr
+    results = sorted(root.glob("sweeps/*/*/result.json"))
+    assert len(results) == 2
+    for r in results:
+        rec = json.loads(r.read_text())
+        assert rec["status"] == "failed" and "must be positive" in rec["error"]
+
+
+# ------------------------------------------------------------- read-only places
+def test_run_root_under_a_file_is_named_before_anything_starts(shared_cache, tmp_path):
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    res = mixtrain_cli(["train", "model=tiny", "logger=csv", f"data.cache_dir={shared_cache}",
+                        f"run.root={blocker}/runs"], tmp_path)
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    assert f"{blocker} is a file, not a folder" in res.stderr and "run.root=<folder>" in res.stderr
+
+
+@pytest.fixture
+def read_only(monkeypatch):
+    """Make folders read-only as a read-only mount would (root ignores chmod): every
+    file creation under them fails with EACCES."""
+    import errno
+    import tempfile
+
+    places: list[Path] = []
+    real = tempfile.mkstemp
+
+    def mkstemp(*a, dir=None, **k):
+        if dir is not None and any(Path(dir) == p or p in Path(dir).parents for p in places):
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real(*a, dir=dir, **k)
+
+    monkeypatch.setattr(tempfile, "mkstemp", mkstemp)
+    return places
+
+
+@pytest.fixture(scope="module")
+def trained(shared_cache, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("trained")
+    run(shared_cache, root, "t", "train.max_tokens=512", "train.save_every_steps=2")
+    return root / "t"
+
+
+def test_read_only_places_get_one_paragraph_before_any_work(shared_cache, tmp_path, trained, read_only, capsys):
+    from mixtrain.cli import main
+    from mixtrain.train.export import export
+
+    # Resuming a run whose folder is read-only.
+    read_only.append(trained)
+    before = sorted(p.name for p in trained.rglob("*"))
+    with pytest.raises(UserError, match=rf"cannot write to {trained}: it is not writable .*chmod u\+w"):
+        run(shared_cache, trained.parent, "t", "train.max_tokens=1024", "run.resume=auto")
+    assert sorted(p.name for p in trained.rglob("*")) == before
+    # A read-only run.root: named, and no folder made.
+    ro_root = tmp_path / "ro"
+    ro_root.mkdir()
+    read_only.append(ro_root)
+    with pytest.raises(UserError, match=rf"run directory \(run\.root={ro_root}\): cannot write to {ro_root}/new: "
+                                        rf"{ro_root} \(the nearest existing folder\) is not writable"):
+        run(shared_cache, ro_root, "new")
+    assert list(ro_root.iterdir()) == []
+    # A data cache under a file.
+    blocker = tmp_path / "blocker"
+    blocker.write_text("")
+    with pytest.raises(UserError, match=rf"data\.cache_dir={blocker}/cache\): cannot create .* {blocker} is a file.*"
+                                        r"MIXTRAIN_CACHE"):
+        run(shared_cache, tmp_path, "c", f"data.cache_dir={blocker}/cache")
+    assert not (tmp_path / "c").exists()
+    # Export and eval into a read-only folder.
+    with pytest.raises(UserError, match=rf"export folder \(--out\): cannot write to {ro_root}/exp.*--out"):
+        export(trained, ro_root / "exp")
+    assert main(["eval", "--model", str(trained), "--tasks", "niah_single_1", "--lengths", "64",
+                 "--out", str(ro_root / "ev")]) == 2
+    assert f"eval output folder (--out): cannot write to {ro_root}/ev" in capsys.readouterr().err
+    assert list(ro_root.iterdir()) == []
+
+
+def test_exported_weights_follow_the_umask(trained, tmp_path):
+    import os
+
+    from mixtrain.train.export import export
+
+    old = os.umask(0o022)
+    try:
+        out = export(trained, tmp_path / "exp")
+    finally:
+        os.umask(old)
+    assert oct(os.stat(out / "model.safetensors").st_mode & 0o777) == oct(0o644)

@@ -144,6 +144,14 @@ def run(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
     needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
     given_docs = read_haystack_files(args.haystack) if args.haystack and needs_docs else None  # before loading
+    src = Path(args.model)
+    run_dir = RunDir.of_path(src).path
+    out_dir = Path(args.out) if args.out else (run_dir if (run_dir / "checkpoints").is_dir() else
+                                               (src if src.is_dir() else src.parent)) / "eval"
+    from mixtrain.files import check_writable
+
+    check_writable(out_dir, "eval output folder" + (" (--out)" if args.out else f" (beside {src})"),
+                   "Pass --out <a writable folder>")
     device = resolve_device(args.device or "auto")
     dtype = torch.bfloat16 if device.type == "cuda" else None
     model, cfg = load_model(args.model, device=device, dtype=dtype)
@@ -159,10 +167,6 @@ def run(args) -> int:
             f"evaluate at <= {max_len}, or extend the context first (stage=extend)"
         )
     tok = find_tokenizer(args.model, cfg)
-    src = Path(args.model)
-    run_dir = RunDir.of_path(src).path
-    out_dir = Path(args.out) if args.out else (run_dir if (run_dir / "checkpoints").is_dir() else
-                                               (src if src.is_dir() else src.parent)) / "eval"
     names = {
         "model": str(src),
         "name": str(cfg.run.name) if "run" in cfg else src.name,

@@ -40,6 +40,7 @@ def check_recipe(cfg: DictConfig) -> Plan:
     user would fix them. Nothing is written."""
     check_config(cfg)
     check_stage(cfg)
+    check_tokenizer_fits(cfg)
     try:
         layout = build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window)
     except LayoutError as e:
@@ -126,9 +127,80 @@ def check_config(cfg: DictConfig) -> None:
             raise UserError("data.qa_source=jsonl needs data.qa_path=<file.jsonl or glob>")
         if cfg.data.qa_chunk_tokens < 1:
             raise UserError(f"data.qa_chunk_tokens={cfg.data.qa_chunk_tokens} must be at least 1")
-    for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps"):
+    for key in ("seq_len", "micro_batch_size", "global_batch_tokens", "val_every_steps", "save_every_steps",
+                "val_batches", "keep_checkpoints"):
         if cfg.train[key] < 1:
             raise UserError(f"train.{key}={cfg.train[key]} must be at least 1")
+    if not 0 <= cfg.data.val_fraction < 1:
+        raise UserError(f"data.val_fraction={cfg.data.val_fraction} must be in [0, 1): the share of documents held "
+                        f"out for validation (e.g. data.val_fraction=0.02)")
+    check_optim(cfg.optim)
+    check_devices(cfg.trainer)
+
+
+def check_optim(o: DictConfig) -> None:
+    """The optimizer's numbers, with the key named (not torch's 'Invalid learning rate')."""
+    if not o.lr > 0:
+        raise UserError(f"optim.lr={o.lr} must be positive (e.g. optim.lr=3e-3)")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise UserError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1) (e.g. optim.betas=[0.9,0.95])")
+    for key, low, high in (("eps", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
+                           ("warmup_fraction", 0, 1), ("min_lr_ratio", 0, 1)):
+        v = o[key]
+        if v < low or (high is not None and v > high) or (key == "eps" and v <= 0):
+            bound = f"in [{low}, {high}]" if high is not None else ("positive" if key == "eps" else "at least 0")
+            raise UserError(f"optim.{key}={v} must be {bound}")
+
+
+def check_devices(t: DictConfig) -> None:
+    """``trainer.devices``: auto, -1 (all), a count, or a list of device indices."""
+    d = t.devices
+    ok = d in ("auto", -1, "-1") or (isinstance(d, int) and not isinstance(d, bool) and d >= 1) \
+        or (isinstance(d, str) and d.isdigit() and int(d) >= 1)
+    if not ok and (OmegaConf.is_list(d) or isinstance(d, (list, tuple))):
+        ok = len(d) > 0 and all(isinstance(i, int) and i >= 0 for i in d)
+    if not ok:
+        raise UserError(f"trainer.devices={d!r} is not a device count: use auto, -1 (all), a number "
+                        f"(e.g. trainer.devices=2) or a list of device indices (trainer.devices=[0,1])")
+    if t.num_nodes < 1:
+        raise UserError(f"trainer.num_nodes={t.num_nodes} must be at least 1")
+    if t.log_every_n_steps < 1:
+        raise UserError(f"trainer.log_every_n_steps={t.log_every_n_steps} must be at least 1")
+
+
+def check_tokenizer_fits(cfg: DictConfig) -> None:
+    """The model's embedding has a row for every id the tokenizer can produce: checked
+    here for a trained tokenizer (data.vocab_size) and a tokenizer file on this machine
+    (an HF hub name is checked when it is loaded)."""
+    tokenizer = str(cfg.data.tokenizer)
+    v = cfg.model.vocab_size
+    if tokenizer == "train":
+        if cfg.data.vocab_size is not None and cfg.data.vocab_size > v:
+            raise UserError(f"data.vocab_size={cfg.data.vocab_size} exceeds the model's model.vocab_size={v}; "
+                            f"lower data.vocab_size or raise model.vocab_size")
+        return
+    path = Path(tokenizer).expanduser()
+    if path.suffix == ".json" and path.is_file():
+        from mixtrain.data.tokenizer import check_fits, load_tokenizer_file
+
+        check_fits(load_tokenizer_file(path), int(v), str(path))
+
+
+def check_places(cfg: DictConfig, run_dir) -> None:
+    """The folders a run writes can be written: its run directory (and checkpoints/ of a
+    run being resumed) and the data cache. Checked before anything is made."""
+    from mixtrain.files import check_writable
+
+    run_dir = Path(run_dir)
+    root = f"run.root={cfg.run.root}"
+    todo = (f"Give a writable folder: run.root=<folder> (or run.name=<new name>)" if not run_dir.exists() else
+            f"Make it writable (chmod u+w), or copy the run elsewhere and resume there with run.root=<folder>")
+    check_writable(run_dir, f"run directory ({root})", todo)
+    if (run_dir / "checkpoints").is_dir():
+        check_writable(run_dir / "checkpoints", "the run's checkpoints folder", todo)
+    cache = str(cfg.data.cache_dir)
+    check_writable(cache, f"data cache (data.cache_dir={cache})",
+                   "Point data.cache_dir (or the MIXTRAIN_CACHE environment variable) at a writable folder")
 
 
 def check_stage(cfg: DictConfig) -> None:

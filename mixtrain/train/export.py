@@ -78,16 +78,23 @@ def read_checkpoint(source: str | os.PathLike) -> tuple[dict[str, torch.Tensor],
 def export(source: str | os.PathLike, out: Optional[str | os.PathLike] = None) -> Path:
     from safetensors.torch import save_file
 
+    from mixtrain.files import check_writable
+
+    src = Path(source)
+    resolve_checkpoint(src)  # a missing source is named first
+    out_dir = Path(out) if out else (src if RunDir.is_run_dir(src) else RunDir.of_path(src).path) / "export"
+    check_writable(out_dir, "export folder" + (" (--out)" if out else ""), "Pass --out <a writable folder>")
     state, cfg = read_checkpoint(source)
     if cfg is None:
         raise UserError(f"{source} carries no mixtrain config; export needs a checkpoint written by mixtrain train")
-    src = Path(source)
-    out_dir = Path(out) if out else (src if RunDir.is_run_dir(src) else RunDir.of_path(src).path) / "export"
     out_dir.mkdir(parents=True, exist_ok=True)
     # Each weight is its own tensor (a tied head is the embedding itself, not a copy).
     tensors = {k: v.contiguous() for k, v in state.items()}
     tmp = out_dir / ".tmp-model.safetensors"
     save_file(tensors, tmp, metadata={"format": "pt", "producer": "mixtrain"})
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # safetensors writes 0600; like every other file, follow the umask
     os.replace(tmp, out_dir / "model.safetensors")
     OmegaConf.save(OmegaConf.create(cfg), out_dir / "config.yaml")
     tokenizer = RunDir.of_path(source).tokenizer_file
