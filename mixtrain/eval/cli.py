@@ -2,12 +2,15 @@
 
     mixtrain eval --model runs/chain-3 --tasks all --lengths 4096,8192,16384,32768 --samples 10
     mixtrain eval --model runs/x/export --tasks niah_single_1,vt --lengths 4096 --perplexity
+    mixtrain eval --model runs/x --harness hellaswag,arc_easy       # lm-evaluation-harness
 
 Writes ``<run dir>/eval/ruler.json`` (``scores`` task -> mean over lengths, ``by_length``,
 ``average``, model/layout names), ``ruler_samples.jsonl``, ``ruler_heatmap.png``, and with
 ``--perplexity`` ``perplexity.json`` + ``position_loss.png``; prints tables. A (task, length)
 whose prompt cannot fit the length is skipped (null score, listed under ``skipped`` with the
 reason) and the averages are over the cells that ran; when none fits, it is an error.
+With ``--harness``, lm-eval's tasks run on mixtrain's inference engine
+(:mod:`mixtrain.eval.harness`) into ``harness.json`` + ``harness_samples.jsonl``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ def register(subparsers) -> argparse.ArgumentParser:
         "documents plus validation perplexity. Results go to <run dir>/eval/ as JSON and PNG.",
     )
     p.add_argument("--model", required=True, help="run directory, checkpoint, or exported model folder")
-    p.add_argument("--tasks", default="all", help="'all' or a comma-separated list, e.g. niah_single_1,vt,qa_1; "
-                   "'none' skips RULER")
+    p.add_argument("--tasks", default=None, help="'all' or a comma-separated list, e.g. niah_single_1,vt,qa_1 "
+                   "(recall: the associative-recall probe of a model trained with data=recall); "
+                   "'none' skips RULER (default: all, or none with --harness)")
     p.add_argument("--lengths", default=None,
                    help="comma-separated context lengths in tokens (default: 4096,8192,16384,32768 up to the "
                    "model's max_seq_len, or max_seq_len itself when shorter); a task whose prompt cannot fit "
@@ -49,6 +53,15 @@ def register(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--out", default=None, help="output folder (default: <run dir>/eval)")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda when available)")
     p.add_argument("--wandb", action="store_true", help="log to W&B (offline unless an API key is configured)")
+    h = p.add_argument_group("lm-evaluation-harness (pip install 'mixtrain[hf]')")
+    h.add_argument("--harness", default=None, metavar="TASK[,TASK]",
+                   help="lm-eval tasks or groups (e.g. hellaswag,arc_easy), run in-process on mixtrain's inference "
+                   "engine; results in <out>/harness.json")
+    h.add_argument("--harness-include", action="append", default=None, metavar="DIR",
+                   help="a folder (or file) of your own lm-eval task YAMLs (repeatable)")
+    h.add_argument("--harness-limit", type=float, default=None,
+                   help="documents per task (a fraction if < 1); for quick checks, not for reporting")
+    h.add_argument("--num-fewshot", type=int, default=None, help="few-shot examples (default: each task's own)")
     p.set_defaults(func=run)
     return p
 
@@ -135,7 +148,12 @@ def run(args) -> int:
     from mixtrain.eval import perplexity, ruler
     from mixtrain.train.export import load_model
 
-    tasks = [] if args.tasks == "none" else ruler.parse_tasks(args.tasks)  # fail before loading anything
+    harness_tasks = harness_setup(args)  # lm-eval tasks known and their data loadable, before loading the model
+    spec = args.tasks if args.tasks is not None else ("none" if harness_tasks else "all")
+    from mixtrain.eval import recall as recall_task
+
+    spec, want_recall = recall_task.split_task_spec(spec)  # "recall": mixtrain/eval/recall.py
+    tasks = [] if spec == "none" else ruler.parse_tasks(spec)  # fail before loading anything
     for flag in ("samples", "batch_size", "ppl_sequences"):
         if getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
@@ -188,6 +206,11 @@ def run(args) -> int:
             ruler.evaluate(model, tok, tasks, lengths, args.samples, out_dir, seed=args.seed, haystack_docs=docs,
                            batch_size=args.batch_size, max_new_tokens=args.max_new_tokens, names=names,
                            wandb_log=True if args.wandb else None)
+        if want_recall:  # associative recall by distance (a model trained with data=recall)
+            recall_task.run_cli(model, cfg, [int(x) for x in args.lengths.split(",")] if args.lengths else None,
+                                args.samples, out_dir, seed=args.seed, batch_size=args.batch_size, names=names)
+        if harness_tasks:
+            run_harness_tasks(args, model, tok, harness_tasks, max_len, out_dir, names, wandb_run is not None)
         if args.perplexity:
             result = perplexity.evaluate(model, cfg, tok, out_dir, length=args.ppl_length,
                                          sequences=args.ppl_sequences, names=names)
@@ -208,6 +231,42 @@ def run(args) -> int:
             finish_wandb()
     print(f"wrote {out_dir}")
     return 0
+
+
+def harness_setup(args) -> list[str]:
+    """The --harness tasks, checked (known to lm-eval, data loadable: mixtrain.eval.harness)."""
+    from mixtrain.errors import UserError
+
+    if not args.harness:
+        if args.harness_include or args.harness_limit is not None or args.num_fewshot is not None:
+            raise UserError("--harness-include, --harness-limit and --num-fewshot go with --harness TASK[,TASK]")
+        return []
+    from mixtrain.eval import harness
+
+    if args.harness_limit is not None and args.harness_limit <= 0:
+        raise UserError("--harness-limit must be positive (a count, or a fraction below 1)")
+    tasks = harness.parse_harness_tasks(args.harness)
+    args._harness_tm = harness.task_manager(args.harness_include, tasks)
+    harness.check_tasks(tasks, args._harness_tm)
+    return tasks
+
+
+def run_harness_tasks(args, model, tok, tasks, max_len, out_dir, names, log_wandb: bool) -> dict:
+    """lm-eval on mixtrain's engine; writes harness.json, prints the table, logs to W&B."""
+    from mixtrain.eval import harness
+
+    lm = harness.make_lm(model, tok, batch_size=args.batch_size, max_length=max_len)
+    limit = args.harness_limit
+    limit = int(limit) if limit is not None and limit >= 1 else limit
+    results = harness.run_harness(lm, tasks, args._harness_tm, limit=limit, num_fewshot=args.num_fewshot,
+                                  seed=args.seed)
+    summary = harness.write_results(results, out_dir, {**names, "limit": limit, "num_fewshot": args.num_fewshot})
+    print(harness.format_table(summary))
+    if log_wandb:
+        import wandb
+
+        wandb.log(harness.wandb_data(summary))
+    return summary
 
 
 def open_training_wandb_run(src: Path, cfg, out_dir: Path):

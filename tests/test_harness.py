@@ -1,0 +1,175 @@
+"""lm-evaluation-harness, offline: task YAMLs over local JSONL files the test writes (one
+multiple-choice, one generate-until task). The same model scored by lm-eval's own ``hf``
+model (a Hugging Face Llama folder) and by ``mixtrain eval --harness`` (mixtrain's
+inference engine on that model imported into mixtrain) gives the same scores, sample by
+sample; unknown tasks and tasks whose data needs a download are errors naming the task."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+transformers = pytest.importorskip("transformers")
+lm_eval = pytest.importorskip("lm_eval")
+
+from mixtrain.errors import UserError  # noqa: E402
+
+EOS = "<|endoftext|>"
+WORDS = ("the cat sat on the mat . a dog ran to the park and the bird sang . one two three four five six seven "
+         "eight nine ten . red green blue yellow . what is the colour of the sky ? it is blue . apples are red .").split()
+
+
+def write_tokenizer(path: Path) -> None:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tk = Tokenizer(models.BPE())
+    tk.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tk.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=[EOS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tk.train_from_iterator([" ".join(WORDS)] * 50, trainer)
+    tk.save(str(path / "tokenizer.json"))
+    fast = transformers.PreTrainedTokenizerFast(tokenizer_file=str(path / "tokenizer.json"), eos_token=EOS)
+    fast.save_pretrained(path)
+
+
+def task_yamls(d: Path, mc_answers: list[int], gen_answers: list[str]) -> Path:
+    """One multiple-choice and one generate-until task over JSONL files in ``d``."""
+    d.mkdir(parents=True, exist_ok=True)
+    mc = [{"question": f"{WORDS[i]} {WORDS[i + 1]} {WORDS[i + 2]}", "choices": ["red", "blue", "the park", "seven"],
+           "answer": a} for i, a in enumerate(mc_answers)]
+    gen = [{"prompt": f"{WORDS[2 * i]} {WORDS[2 * i + 3]} is", "answer": a} for i, a in enumerate(gen_answers)]
+    (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    (d / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
+    (d / "mt_mc.yaml").write_text(f"""task: mt_mc
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'mc.jsonl'}
+test_split: test
+output_type: multiple_choice
+doc_to_text: "Q: {{{{question}}}} A:"
+doc_to_choice: "{{{{choices}}}}"
+doc_to_target: answer
+metric_list:
+  - metric: acc
+  - metric: acc_norm
+""")
+    (d / "mt_gen.yaml").write_text(f"""task: mt_gen
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'gen.jsonl'}
+test_split: test
+output_type: generate_until
+doc_to_text: "{{{{prompt}}}}"
+doc_to_target: "{{{{answer}}}}"
+generation_kwargs:
+  until: ["."]
+  max_gen_toks: 6
+  do_sample: false
+metric_list:
+  - metric: exact_match
+""")
+    return d
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny HF Llama folder (with tokenizer) and the same model as a mixtrain export."""
+    from omegaconf import OmegaConf
+    from safetensors.torch import save_file
+
+    from mixtrain.config import compose
+    from mixtrain.hf.importer import convert
+    from mixtrain.layouts import build_layout
+
+    root = tmp_path_factory.mktemp("harness")
+    hf_dir = root / "hf"
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
+                                   rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=0, pad_token_id=0)
+    model = transformers.LlamaForCausalLM(cfg)
+    with torch.no_grad():  # larger weights: sharper, more distinct predictions than a fresh init
+        for p in model.parameters():
+            if p.dim() == 2:
+                p.mul_(4.0)
+    model.save_pretrained(hf_dir)
+    write_tokenizer(hf_dir)
+    assert transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token_id == 0
+
+    exp = root / "export"
+    exp.mkdir()
+    mcfg = compose(["model=from_hf", f"model.hf_path={hf_dir}", "layout=standard", "logger=csv", f"run.root={root}"])
+    layout = build_layout(mcfg.layout, 2, mcfg.model.sliding_window)
+    state, _ = convert(hf_dir, mcfg.model, layout)
+    save_file({k: v.contiguous() for k, v in state.items()}, exp / "model.safetensors")
+    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(mcfg, resolve=True)), exp / "config.yaml")
+    shutil.copyfile(hf_dir / "tokenizer.json", exp / "tokenizer.json")
+    return hf_dir, exp
+
+
+def hf_results(hf_dir: Path, tasks_dir: Path) -> dict:
+    """lm-eval's own `hf` model on the HF folder (= lm_eval --model hf --model_args pretrained=DIR)."""
+    from lm_eval.tasks import TaskManager
+
+    tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # our two tasks only: quick
+    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=["mt_mc", "mt_gen"],
+                                   task_manager=tm, device="cpu", batch_size=3, log_samples=True, bootstrap_iters=0)
+
+
+def mixtrain_eval(exp: Path, tasks_dir: Path, *extra: str) -> dict:
+    from mixtrain.eval.cli import main
+
+    assert main(["--model", str(exp), "--harness", "mt_mc,mt_gen", "--harness-include", str(tasks_dir),
+                 "--batch-size", "3", "--device", "cpu", *extra]) == 0
+    return json.loads((exp / "eval" / "harness.json").read_text())
+
+
+@pytest.mark.slow
+def test_hf_path_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
+    hf_dir, exp = models
+    n = 8
+    first = hf_results(hf_dir, task_yamls(tmp_path / "t0", [0] * n, ["?"] * n))
+    # Answers: the model's own choice / generation for even documents, something else for odd
+    # ones, so both scores are 0.5 when a path reproduces the model's predictions.
+    lls = {s["doc_id"]: [r[0] for r in s["filtered_resps"]] for s in first["samples"]["mt_mc"]}
+    gens = {s["doc_id"]: s["filtered_resps"][0] for s in first["samples"]["mt_gen"]}
+    mc_answers = [max(range(4), key=lambda c: lls[i][c]) for i in range(n)]
+    mc_answers = [a if i % 2 == 0 else (a + 1) % 4 for i, a in enumerate(mc_answers)]
+    gen_answers = [gens[i] if i % 2 == 0 else gens[i] + " nope" for i in range(n)]
+    assert len(set(gens.values())) > 1  # the model says different things
+    tasks_dir = task_yamls(tmp_path / "t1", mc_answers, gen_answers)
+
+    ref = hf_results(hf_dir, tasks_dir)
+    mine = mixtrain_eval(exp, tasks_dir)
+    assert ref["results"]["mt_mc"]["acc,none"] == 0.5 and ref["results"]["mt_gen"]["exact_match,none"] == 0.5
+    assert mine["harness"]["mt_mc"]["acc"] == 0.5 and mine["harness"]["mt_gen"]["exact_match"] == 0.5
+    assert mine["harness"]["mt_mc"]["acc_norm"] == ref["results"]["mt_mc"]["acc_norm,none"]
+    # sample by sample: the same log-likelihoods (fp32) and the same generated text
+    samples = [json.loads(line) for line in (exp / "eval" / "harness_samples.jsonl").read_text().splitlines()]
+    by_doc = {(s["task"], s["doc_id"]): s for s in samples}
+    for s in ref["samples"]["mt_mc"]:
+        got = [r[0] for r in by_doc[("mt_mc", s["doc_id"])]["filtered_resps"]]
+        want = [r[0] for r in s["filtered_resps"]]
+        assert max(abs(float(a) - float(b)) for a, b in zip(got, want)) < 1e-4, (got, want)
+    for s in ref["samples"]["mt_gen"]:
+        assert by_doc[("mt_gen", s["doc_id"])]["filtered_resps"][0] == s["filtered_resps"][0]
+    assert mine["layout"] == "standard" and mine["n_samples"] == {"mt_mc": n, "mt_gen": n}
+
+
+@pytest.mark.slow  # lm-eval indexes its ~15,000 built-in tasks to know which names exist
+def test_unknown_task_and_offline_download_are_named(models, tmp_path):
+    _, exp = models
+    from mixtrain.eval.cli import main
+
+    with pytest.raises(UserError, match=r"lm-eval does not know the task 'hellaswagg' \(did you mean hellaswag"):
+        main(["--model", str(exp), "--harness", "hellaswagg"])
+    # a built-in task whose data set lives on the hub: this test machine is offline (conftest)
+    with pytest.raises(UserError, match=r"task 'arc_easy' cannot load its data .*offline"):
+        main(["--model", str(exp), "--harness", "arc_easy"])
