@@ -14,6 +14,8 @@
                                      tokens/s, MFU, peak memory of training steps vs a baseline
     mixtrain bench  moe [--tokens N ...]
                                      MoE layer fwd+bwd against the expert matmuls alone
+    mixtrain bench  data [--tokens 10M,40M] [--num-proc K]
+                                     data preparation: wall, tokens/s, peak RSS, disk; read tokens/s
     mixtrain eval   ...              RULER-style long-context tasks, perplexity
     mixtrain compare RUNS...         tables and plots across runs or a sweep
 
@@ -236,6 +238,9 @@ def _register_bench(sub) -> None:
     parser = register_bench(sub)
     bench.register(parser.bench_subparsers)
     bench.register_moe(parser.bench_subparsers)
+    from mixtrain.data import bench as data_bench
+
+    data_bench.register(parser.bench_subparsers)
 
 
 def _registered_main(command: str, argv: list[str]) -> int:
