@@ -78,9 +78,9 @@ metric_list:
     return d
 
 
-@pytest.fixture(scope="module")
-def models(tmp_path_factory):
-    """A tiny HF Llama folder (with tokenizer) and the same model as a mixtrain export."""
+def mixtrain_export(hf_dir: Path, out: Path, layout: str) -> Path:
+    """The HF model imported into mixtrain under ``layout`` (train.init_from's mapping), saved
+    as a mixtrain export (model.safetensors + config.yaml + tokenizer.json)."""
     from omegaconf import OmegaConf
     from safetensors.torch import save_file
 
@@ -88,10 +88,26 @@ def models(tmp_path_factory):
     from mixtrain.hf.importer import convert
     from mixtrain.layouts import build_layout
 
+    out.mkdir()
+    cfg = compose(["model=from_hf", f"model.hf_path={hf_dir}", f"layout={layout}", "logger=csv",
+                   f"run.root={out.parent}", f"run.name={out.name}"])
+    state, _ = convert(hf_dir, cfg.model, build_layout(cfg.layout, cfg.model.n_layers, cfg.model.sliding_window))
+    save_file({k: v.contiguous() for k, v in state.items()}, out / "model.safetensors")
+    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(cfg, resolve=True)), out / "config.yaml")
+    shutil.copyfile(hf_dir / "tokenizer.json", out / "tokenizer.json")
+    return out
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    """A tiny HF Llama with its tokenizer; per layout (standard, ma_offset) the same weights as a
+    mixtrain export and that export's `mixtrain export --format hf` folder."""
+    from mixtrain.hf.export import export_hf
+
     root = tmp_path_factory.mktemp("harness")
     hf_dir = root / "hf"
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=64, intermediate_size=96, num_hidden_layers=6,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
                                    rms_norm_eps=1e-5, bos_token_id=None, eos_token_id=0, pad_token_id=0)
     model = transformers.LlamaForCausalLM(cfg)
@@ -102,25 +118,23 @@ def models(tmp_path_factory):
     model.save_pretrained(hf_dir)
     write_tokenizer(hf_dir)
     assert transformers.AutoTokenizer.from_pretrained(hf_dir).eos_token_id == 0
-
-    exp = root / "export"
-    exp.mkdir()
-    mcfg = compose(["model=from_hf", f"model.hf_path={hf_dir}", "layout=standard", "logger=csv", f"run.root={root}"])
-    layout = build_layout(mcfg.layout, 2, mcfg.model.sliding_window)
-    state, _ = convert(hf_dir, mcfg.model, layout)
-    save_file({k: v.contiguous() for k, v in state.items()}, exp / "model.safetensors")
-    OmegaConf.save(OmegaConf.create(OmegaConf.to_container(mcfg, resolve=True)), exp / "config.yaml")
-    shutil.copyfile(hf_dir / "tokenizer.json", exp / "tokenizer.json")
-    return hf_dir, exp
+    out = {"hf": hf_dir}
+    for layout in ("standard", "ma_offset"):
+        exp = mixtrain_export(hf_dir, root / layout, layout)
+        hf_export, target = export_hf(exp, root / f"{layout}-hf")
+        assert target.remote_code == (layout != "standard")
+        out[layout] = (exp, hf_export)
+    return out
 
 
-def hf_results(hf_dir: Path, tasks_dir: Path) -> dict:
-    """lm-eval's own `hf` model on the HF folder (= lm_eval --model hf --model_args pretrained=DIR)."""
+def hf_results(hf_dir: Path, tasks_dir: Path, remote_code: bool = False) -> dict:
+    """lm-eval's own `hf` model on an HF folder (= lm_eval --model hf --model_args pretrained=DIR)."""
     from lm_eval.tasks import TaskManager
 
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # our two tasks only: quick
-    return lm_eval.simple_evaluate(model="hf", model_args=f"pretrained={hf_dir},dtype=float32", tasks=["mt_mc", "mt_gen"],
-                                   task_manager=tm, device="cpu", batch_size=3, log_samples=True, bootstrap_iters=0)
+    args = f"pretrained={hf_dir},dtype=float32" + (",trust_remote_code=True" if remote_code else "")
+    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["mt_mc", "mt_gen"], task_manager=tm,
+                                   device="cpu", batch_size=3, log_samples=True, bootstrap_iters=0)
 
 
 def mixtrain_eval(exp: Path, tasks_dir: Path, *extra: str) -> dict:
@@ -131,11 +145,27 @@ def mixtrain_eval(exp: Path, tasks_dir: Path, *extra: str) -> dict:
     return json.loads((exp / "eval" / "harness.json").read_text())
 
 
+def assert_same(ref: dict, mine: dict, exp: Path) -> None:
+    """Same scores, and sample by sample the same log-likelihoods (fp32) and generated text."""
+    for task, metrics in mine["harness"].items():
+        for m, v in metrics.items():
+            assert v == ref["results"][task][f"{m},none"], (task, m)
+    samples = [json.loads(line) for line in (exp / "eval" / "harness_samples.jsonl").read_text().splitlines()]
+    by_doc = {(s["task"], s["doc_id"]): s for s in samples}
+    assert len(by_doc) == sum(len(v) for v in ref["samples"].values())
+    for s in ref["samples"]["mt_mc"]:
+        got = [float(r[0]) for r in by_doc[("mt_mc", s["doc_id"])]["filtered_resps"]]
+        want = [float(r[0]) for r in s["filtered_resps"]]
+        assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
+    for s in ref["samples"]["mt_gen"]:
+        assert by_doc[("mt_gen", s["doc_id"])]["filtered_resps"][0] == s["filtered_resps"][0]
+
+
 @pytest.mark.slow
-def test_hf_path_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
-    hf_dir, exp = models
+def test_hf_export_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
     n = 8
-    first = hf_results(hf_dir, task_yamls(tmp_path / "t0", [0] * n, ["?"] * n))
+    std, std_hf = models["standard"]
+    first = hf_results(std_hf, task_yamls(tmp_path / "t0", [0] * n, ["?"] * n))
     # Answers: the model's own choice / generation for even documents, something else for odd
     # ones, so both scores are 0.5 when a path reproduces the model's predictions.
     lls = {s["doc_id"]: [r[0] for r in s["filtered_resps"]] for s in first["samples"]["mt_mc"]}
@@ -146,26 +176,22 @@ def test_hf_path_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
     assert len(set(gens.values())) > 1  # the model says different things
     tasks_dir = task_yamls(tmp_path / "t1", mc_answers, gen_answers)
 
-    ref = hf_results(hf_dir, tasks_dir)
-    mine = mixtrain_eval(exp, tasks_dir)
+    # standard layout: the export is a stock LlamaForCausalLM
+    ref, mine = hf_results(std_hf, tasks_dir), mixtrain_eval(std, tasks_dir)
     assert ref["results"]["mt_mc"]["acc,none"] == 0.5 and ref["results"]["mt_gen"]["exact_match,none"] == 0.5
     assert mine["harness"]["mt_mc"]["acc"] == 0.5 and mine["harness"]["mt_gen"]["exact_match"] == 0.5
-    assert mine["harness"]["mt_mc"]["acc_norm"] == ref["results"]["mt_mc"]["acc_norm,none"]
-    # sample by sample: the same log-likelihoods (fp32) and the same generated text
-    samples = [json.loads(line) for line in (exp / "eval" / "harness_samples.jsonl").read_text().splitlines()]
-    by_doc = {(s["task"], s["doc_id"]): s for s in samples}
-    for s in ref["samples"]["mt_mc"]:
-        got = [r[0] for r in by_doc[("mt_mc", s["doc_id"])]["filtered_resps"]]
-        want = [r[0] for r in s["filtered_resps"]]
-        assert max(abs(float(a) - float(b)) for a, b in zip(got, want)) < 1e-4, (got, want)
-    for s in ref["samples"]["mt_gen"]:
-        assert by_doc[("mt_gen", s["doc_id"])]["filtered_resps"][0] == s["filtered_resps"][0]
+    assert_same(ref, mine, std)
     assert mine["layout"] == "standard" and mine["n_samples"] == {"mt_mc": n, "mt_gen": n}
+    # ma_offset: remote code (trust_remote_code=True) against mixtrain's engine with shared KV
+    ma, ma_hf = models["ma_offset"]
+    ref, mine = hf_results(ma_hf, tasks_dir, remote_code=True), mixtrain_eval(ma, tasks_dir)
+    assert_same(ref, mine, ma)
+    assert mine["layout"] == "ma_offset"
 
 
 @pytest.mark.slow  # lm-eval indexes its ~15,000 built-in tasks to know which names exist
 def test_unknown_task_and_offline_download_are_named(models, tmp_path):
-    _, exp = models
+    exp, _ = models["standard"]
     from mixtrain.eval.cli import main
 
     with pytest.raises(UserError, match=r"lm-eval does not know the task 'hellaswagg' \(did you mean hellaswag"):

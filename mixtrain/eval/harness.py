@@ -300,8 +300,8 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     stderr: dict[str, dict[str, Any]] = {}
     for task, res in (results.get("results") or {}).items():
         for key, v in res.items():
-            if key == "alias" or not isinstance(v, (int, float)) or isinstance(v, bool):
-                continue
+            if "," not in key or not isinstance(v, (int, float)) or isinstance(v, bool):
+                continue  # "metric,filter" keys only (not alias, sample_len, ...)
             metric, _, flt = key.partition(",")
             name = metric if flt in ("", "none") else f"{metric}[{flt}]"
             if metric.endswith("_stderr"):
