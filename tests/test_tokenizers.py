@@ -7,6 +7,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import pickle
 
 import numpy as np
 import pytest
@@ -76,10 +77,13 @@ def test_tiktoken_file_encodes_as_tiktoken(tmp_path, monkeypatch):
         get_tokenizer(DataConfig(tokenizer=str(f), cache_dir=str(tmp_path / "c")), 1024)
     tok = get_tokenizer(DataConfig(tokenizer=str(f), eos_token="<|endoftext|>", cache_dir=str(tmp_path / "c")), 1024)
     ref = tiktoken.Encoding("mine", pat_str=CL100K_PAT, mergeable_ranks=ranks, special_tokens={"<|endoftext|>": n})
+    hf = load_tokenizer_file(tok.path, eos_token="<|endoftext|>")  # the HF conversion alone (as saved in runs)
+    assert hf.tiktoken_def is None and tok.tiktoken_def is not None
     for s in SAMPLES + texts[:20] + [" ".join(texts[:5]).upper(), "1" * 50 + " " + "ab" * 40]:
-        assert tok.encode(s) == ref.encode_ordinary(s), s
+        assert tok.encode(s) == ref.encode_ordinary(s) == hf.encode(s), s
         assert tok.decode(tok.encode(s)) == s
-    assert tok.encode_batch(texts[:8]) == ref.encode_ordinary_batch(texts[:8])
+    assert tok.encode_batch(texts[:8]) == ref.encode_ordinary_batch(texts[:8]) == hf.encode_batch(texts[:8])
+    assert pickle.loads(pickle.dumps(tok)).encode(texts[9]) == ref.encode_ordinary(texts[9])  # worker processes
     assert len(tok.encode(texts[0])) < len(texts[0].encode()) / 2  # the merges are used
     assert (tok.eos_id, tok.pad_id, tok.vocab_size) == (n, n, n + 1)  # EOS added after the ranks
     assert tok.eos_id not in tok.encode("a <|endoftext|> b")  # a special string in text is text
@@ -114,9 +118,10 @@ def test_tiktoken_encoding_name_offline(tmp_path, monkeypatch):
     monkeypatch.setenv("TIKTOKEN_CACHE_DIR", str(tmp_path / "empty"))
     tok = get_tokenizer(DataConfig(tokenizer="tiktoken:mini_test", cache_dir=str(cache)), 1024)
     ref = tiktoken.Encoding("mini_test", pat_str=CL100K_PAT, mergeable_ranks=ranks, special_tokens=specials)
+    hf = load_tokenizer_file(tok.path)
     for s in SAMPLES:
-        assert tok.encode(s) == ref.encode_ordinary(s)
-    assert tok.eos_id == n + 5 and tok.pad_id == n + 5 and tok.vocab_size == n + 7  # max id + 1, gaps counted
+        assert tok.encode(s) == ref.encode_ordinary(s) == hf.encode(s)
+    assert hf.eos_id == tok.eos_id == n + 5 and tok.pad_id == n + 5 and tok.vocab_size == n + 7  # max id + 1, gaps counted
     assert tok.decode([tok.eos_id]) == "<|endoftext|>"
 
     # the same file elsewhere, named after the encoding

@@ -105,10 +105,27 @@ class Tok:
     def pad_token(self) -> str:
         return self.tk.id_to_token(self.pad_id)
 
+    # A tiktoken encoding also keeps tiktoken's own encoder (the same ids as the HF
+    # conversion, ~3x faster): (name, pattern, ranks) or None.
+    tiktoken_def: Optional[tuple] = None
+    _tiktoken = None
+
+    def use_tiktoken(self, name: str, pat_str: str, ranks: dict[bytes, int]) -> "Tok":
+        """Encode with tiktoken itself (``encode_ordinary``: the ids the HF conversion gives)."""
+        import tiktoken
+
+        self.tiktoken_def = (name, pat_str, ranks)
+        self._tiktoken = tiktoken.Encoding(name, pat_str=pat_str, mergeable_ranks=ranks, special_tokens={})
+        return self
+
     def encode(self, text: str) -> list[int]:
+        if self._tiktoken is not None:
+            return self._tiktoken.encode_ordinary(text)
         return self.tk.encode(text, add_special_tokens=False).ids
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        if self._tiktoken is not None:  # one thread: preparation runs one process per core
+            return [self._tiktoken.encode_ordinary(t) for t in texts]
         return [e.ids for e in self.tk.encode_batch(list(texts), add_special_tokens=False)]
 
     def decode(self, ids: Iterable[int], skip_special_tokens: bool = False) -> str:
@@ -143,12 +160,14 @@ class Tok:
 
     def __getstate__(self):
         eos, pad = (self.eos_token, self.pad_token) if self.explicit else (None, None)
-        return {"json": self.tk.to_str(), "path": self.path, "eos": eos, "pad": pad}
+        return {"json": self.tk.to_str(), "path": self.path, "eos": eos, "pad": pad, "tiktoken": self.tiktoken_def}
 
     def __setstate__(self, state):
         from tokenizers import Tokenizer
 
         self.__init__(Tokenizer.from_str(state["json"]), state["path"], state.get("eos"), state.get("pad"))
+        if state.get("tiktoken"):
+            self.use_tiktoken(*state["tiktoken"])
 
     def __repr__(self) -> str:
         return f"Tok(vocab_size={self.vocab_size}, eos_id={self.eos_id}, pad_id={self.pad_id}, path={self.path})"
@@ -476,13 +495,12 @@ def load_tiktoken(spec: str, c) -> Tok:
         json.dumps([sorted((base64.b64encode(k).decode(), v) for k, v in ranks.items()), pat, specials]).encode()
     ).hexdigest()[:16]
     out = cache_root(c) / "tokenizers" / f"tiktoken-{re.sub(r'[^A-Za-z0-9_.-]', '_', ident)}-{digest}.json"
-    if out.is_file():
-        tk = Tokenizer.from_file(str(out))
-    else:
-        tk = tiktoken_to_hf(ranks, pat, specials)
+    if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(out, tk.to_str())
-    return Tok(tk, out, c.eos_token, c.pad_token, source=f"the tiktoken encoding {spec!r}")
+        atomic_write_text(out, tiktoken_to_hf(ranks, pat, specials).to_str())
+    tk = Tokenizer.from_file(str(out))  # the same object (and fingerprint) every time
+    tok = Tok(tk, out, c.eos_token, c.pad_token, source=f"the tiktoken encoding {spec!r}")
+    return tok.use_tiktoken(ident, pat, ranks)
 
 
 # --------------------------------------------------------------------------- entry point
