@@ -446,6 +446,9 @@ class ResumableSampler(torch.utils.data.Sampler[int]):
         }
 
     def load_state_dict(self, sd: dict) -> None:
+        if "sizes" in sd:
+            raise DataError("the checkpoint's data order is for a mixture (data.sources), this run has one data source; "
+                            "resume with the same data settings")
         if sd["world_size"] != self.world_size:
             raise DataError(
                 f"the checkpoint's data order was made for world_size={sd['world_size']}, this run has "
@@ -664,11 +667,6 @@ class PretrainDataModule(_Base):
     def prepare_data(self) -> None:
         if self.prepared is None:
             self.prepared = self._prepare()
-
-    def supervised_tokens_per_example(self) -> Optional[float]:
-        """Mean number of tokens with a loss per training example; None when that is
-        every token of every example (packed pretraining), so batches need no weighting."""
-        return None
 
     def _rank_world(self) -> tuple[int, int]:
         trainer = getattr(self, "trainer", None)
