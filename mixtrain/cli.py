@@ -3,7 +3,8 @@
     mixtrain train  [overrides]      train from a Hydra recipe (-m for a sweep)
     mixtrain layout [--context N] [--json] [overrides]
                                      show a layout: diagram, KV bytes, parameters
-    mixtrain export RUN_OR_CKPT      one safetensors file + the resolved config
+    mixtrain export RUN_OR_CKPT [--format hf]
+                                     one safetensors file + the resolved config, or a HF folder
     mixtrain data   tokenizer|prepare
                                      train a BPE tokenizer, build the packed cache
     mixtrain generate --model RUN_OR_EXPORT --prompt TEXT
@@ -206,12 +207,39 @@ def _layout_main(argv: list[str]) -> int:
 def _export_main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(
         prog="mixtrain export",
-        description="Write one consolidated safetensors file and the resolved config from a run "
-        "directory (its newest complete checkpoint) or a checkpoint path.",
+        description="Export a run directory (its newest complete checkpoint), a checkpoint or a mixtrain "
+        "export. --format mixtrain (default): one consolidated safetensors file + the resolved config, what "
+        "mixtrain generate/eval --model read. --format hf: a Hugging Face folder (config.json, safetensors, "
+        "tokenizer) for AutoModelForCausalLM / AutoTokenizer, a stock class where one matches the layout "
+        "exactly, else self-contained remote code (trust_remote_code=True).",
     )
-    parser.add_argument("source", help="run directory or checkpoint (file or sharded directory)")
-    parser.add_argument("--out", default=None, help="output folder (default: <run dir>/export)")
+    parser.add_argument("source", help="run directory, checkpoint (file or sharded directory) or mixtrain export")
+    parser.add_argument("--format", choices=["mixtrain", "hf"], default="mixtrain",
+                        help="mixtrain (default) or hf (Hugging Face transformers)")
+    parser.add_argument("--out", default=None,
+                        help="output folder (default: <run dir>/export, or <run dir>/export-hf with --format hf)")
+    parser.add_argument("--dtype", choices=["fp32", "bf16"], default=None,
+                        help="--format hf: weight dtype (default fp32)")
+    parser.add_argument("--tokenizer", default=None,
+                        help="--format hf: tokenizer.json to ship (default: the run's tokenizer.json)")
+    parser.add_argument("--remote-code", action="store_true",
+                        help="--format hf: use mixtrain's remote-code class even where a stock class fits")
     args = parser.parse_args(argv)
+    if args.format == "hf":
+        from mixtrain.hf.export import export_hf
+
+        out, target = export_hf(args.source, args.out, dtype=args.dtype or "fp32", tokenizer=args.tokenizer,
+                                remote_code=args.remote_code)
+        code = ", trust_remote_code=True" if target.remote_code else ""
+        print(f"exported: {out} ({target.architecture}: {target.reason})\n"
+              f"load:     AutoModelForCausalLM.from_pretrained({str(out)!r}{code})")
+        if not (out / "tokenizer.json").is_file():
+            print("note:     no tokenizer.json found next to the source; pass --tokenizer PATH to ship one",
+                  file=sys.stderr)
+        return 0
+    given = [f for f, v in (("--dtype", args.dtype), ("--tokenizer", args.tokenizer), ("--remote-code", args.remote_code)) if v]
+    if given:
+        parser.error(f"{', '.join(given)} only apply to --format hf")
     from mixtrain.train.export import export
 
     out = export(args.source, args.out)
