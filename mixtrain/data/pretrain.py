@@ -652,6 +652,8 @@ class PretrainDataModule(_Base):
         local = int(os.environ.get("LOCAL_RANK", os.environ.get("SLURM_LOCALID", "0")) or 0)
         if local == 0:
             self.prepared = self._prepare()
+            if int(os.environ.get("RANK", os.environ.get("SLURM_PROCID", "0")) or 0) == 0:
+                print(self.describe(), file=sys.stderr)
             return
         holder: list = []
         _wait_for(lambda: holder.append(self._prepare(build=False)) or holder[-1] is not None,
@@ -663,6 +665,17 @@ class PretrainDataModule(_Base):
             f"{len(self.val_set)} validation sequences cannot give each of {world} ranks one: raise "
             f"data.val_fraction, add data, lower seq_len={self.seq_len}, or set data.val_fraction=0"
         )
+
+    def describe(self) -> str:
+        """One line per source: its tokens (train/val), sequences, share of the draws and folder."""
+        srcs = self.prepared.sources if isinstance(self.prepared, PreparedMixture) else [(1.0, self.prepared)]
+        lines = []
+        for n, (w, p) in enumerate(srcs):
+            tr, va = p.meta["splits"]["train"], p.meta["splits"]["val"]
+            head = f"data source {n} (weight {w:.3f})" if len(srcs) > 1 else "data"
+            lines.append(f"{head}: {p.meta['corpus']}: {tr['tokens']:,} train / {va['tokens']:,} val tokens, "
+                         f"{tr['sequences']:,} train sequences of {self.seq_len}; {p.dir}")
+        return "\n".join(lines)
 
     def prepare_data(self) -> None:
         if self.prepared is None:
