@@ -151,6 +151,7 @@ def test_settings_errors_name_the_key():
 
 def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, capsys):
     from mixtrain.config import compose
+    from mixtrain.eval.cli import main
     from mixtrain.eval.recall import evaluate
     from mixtrain.train.export import load_model
     from mixtrain.train.run import train
@@ -169,13 +170,23 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
         assert 0.0 <= m[key] <= 1.0, key
     # 16 validation sequences x 4 queries, all scored: the overall accuracy is a multiple of 1/64.
     assert abs(m["val/recall"] * 64 - round(m["val/recall"] * 64)) < 1e-4
-    model, mcfg = load_model(tmp_path / "r")
-    res = evaluate(model, mcfg, tmp_path / "eval", lengths=[32, 64], samples=8, batch_size=4)
-    saved = json.loads((tmp_path / "eval" / "recall.json").read_text())
+    assert main(["--model", str(tmp_path / "r"), "--tasks", "recall", "--lengths", "32,64", "--samples", "8",
+                 "--batch-size", "4"]) == 0
+    saved = json.loads((tmp_path / "r" / "eval" / "recall.json").read_text())  # beside the run
     assert saved["by_length"].keys() == {"32", "64"}
     assert saved["settings"]["pairs"] == 4 and saved["settings"]["window"] == 8
     r64 = saved["by_length"]["64"]
     assert r64["queries_within"] + r64["queries_beyond"] == 8 * 4
     assert sum(b["queries"] for b in r64["buckets"]) == 8 * 4
-    assert res["recall_beyond"] == saved["recall_beyond"]
+    # The same numbers as scoring the loaded model directly (and the run's own seed stream 2).
+    model, mcfg = load_model(tmp_path / "r")
+    res = evaluate(model, mcfg, tmp_path / "again", lengths=[32, 64], samples=8, batch_size=4)
+    assert res["by_length"] == saved["by_length"] and saved["settings"]["eval_stream"] == 2
     assert "beyond (d>W)" in capsys.readouterr().out
+    # compare: a column pair and a bar chart per layout.
+    from mixtrain.eval.recall import plot_recall, run_recall
+
+    rec = run_recall(tmp_path / "r")
+    assert rec["recall_source"] == "eval" and rec["recall_beyond"] == saved["by_length"]["32"]["recall_beyond"]
+    assert rec["recall_chance"] == 0.25
+    assert plot_recall([{"run": "r", "layout": "standard", **rec}], tmp_path / "recall.png").stat().st_size > 1000
