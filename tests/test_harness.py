@@ -182,6 +182,13 @@ def test_hf_export_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
     assert mine["harness"]["mt_mc"]["acc"] == 0.5 and mine["harness"]["mt_gen"]["exact_match"] == 0.5
     assert_same(ref, mine, std)
     assert mine["layout"] == "standard" and mine["n_samples"] == {"mt_mc": n, "mt_gen": n}
+    # mixtrain compare shows them
+    from mixtrain.report.compare import compare_rows, format_compare, run_record
+
+    rec = run_record(std)
+    keys, rows = compare_rows([rec])
+    assert rows[0]["harness/mt_mc/acc"] == 0.5 and rows[0]["harness/mt_gen/exact_match"] == 0.5
+    assert "harness/mt_mc/acc_norm" in keys and "harness/mt_gen/exact_match" in format_compare([rec])
     # ma_offset: remote code (trust_remote_code=True) against mixtrain's engine with shared KV
     ma, ma_hf = models["ma_offset"]
     ref, mine = hf_results(ma_hf, tasks_dir, remote_code=True), mixtrain_eval(ma, tasks_dir)

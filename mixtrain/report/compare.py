@@ -10,7 +10,15 @@ from typing import Any, Iterable, Optional
 from mixtrain import accounting as acc
 from mixtrain.report.format import DEFAULT_KV_CONTEXT, _table, human_bytes, human_count, save_figure
 from mixtrain.rundir import RunDir
-from mixtrain.report.logs import _float, read_eval_scores, read_eval_skipped, read_metrics_csv, read_wandb_history
+from mixtrain.report.logs import (
+    _float,
+    read_eval_scores,
+    read_eval_skipped,
+    read_harness_scores,
+    read_metrics_csv,
+    read_wandb_history,
+)
+
 
 def _job_order(d: "Path") -> tuple:
     """Sweep points in job order (``2-...`` before ``10-...``), then by path."""
@@ -105,6 +113,7 @@ def run_record(run_dir: "Path") -> dict[str, Any]:
     rec["tokens_per_step"] = int(cfg.train.global_batch_tokens)
     rec["eval"] = read_eval_scores(run_dir)
     rec["eval_skipped"] = read_eval_skipped(run_dir)
+    rec["harness"] = read_harness_scores(run_dir)  # lm-evaluation-harness: task/metric -> value
     rec["curves"] = {k: curves[k] for k in ("train/loss", "val/loss") if k in curves}
     return rec
 
@@ -118,15 +127,20 @@ COMPARE_COLUMNS = [
 
 
 def compare_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[str, Any]]]:
-    """Flat rows (for CSV/JSON) with one column per eval task present in any run."""
+    """Flat rows (for CSV/JSON) with one column per eval task present in any run, and one per
+    lm-evaluation-harness task/metric (``harness/<task>/<metric>``)."""
     tasks = sorted({t for r in records for t in r.get("eval", {}) if t != "average"})
     has_avg = any("average" in r.get("eval", {}) for r in records)
-    keys = [k for k, _ in COMPARE_COLUMNS] + [f"eval/{t}" for t in tasks] + (["eval/average"] if has_avg else [])
+    harness = sorted({t for r in records for t in r.get("harness", {})})
+    keys = ([k for k, _ in COMPARE_COLUMNS] + [f"eval/{t}" for t in tasks] + (["eval/average"] if has_avg else [])
+            + [f"harness/{t}" for t in harness])
     rows = []
     for r in records:
         row = {k: r.get(k) for k, _ in COMPARE_COLUMNS}
         for t in tasks + (["average"] if has_avg else []):
             row[f"eval/{t}"] = r.get("eval", {}).get(t)
+        for t in harness:
+            row[f"harness/{t}"] = r.get("harness", {}).get(t)
         rows.append(row)
     return keys, rows
 

@@ -195,6 +195,23 @@ def read_eval_scores(run_dir: "Path") -> dict[str, float]:
     return scores
 
 
+def read_harness_scores(run_dir: "Path") -> dict[str, float]:
+    """lm-evaluation-harness scores from ``<run_dir>/eval/harness.json`` (``mixtrain eval
+    --harness``) as ``task/metric`` -> value; empty when there is none or it is unreadable."""
+    import json
+
+    try:
+        data = json.loads((Path(run_dir) / "eval" / "harness.json").read_text())
+    except (OSError, ValueError):
+        return {}
+    out: dict[str, float] = {}
+    for task, metrics in (data.get("harness") or {}).items() if isinstance(data, dict) else []:
+        for metric, v in (metrics or {}).items() if isinstance(metrics, dict) else []:
+            if _float(v) is not None:
+                out[f"{task}/{metric}"] = _float(v)
+    return out
+
+
 def read_eval_skipped(run_dir: "Path") -> list[str]:
     """The (task, length) cells the newest RULER results skipped (prompt longer than the
     length), as ``task@length``."""
