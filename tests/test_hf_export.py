@@ -317,3 +317,21 @@ def test_export_errors_are_clear(tmp_path, tokenizer_file, capsys):
     write_mixtrain_export(tmp_path / "mx", cfg, tokenizer_file)
     with pytest.raises(UserError, match="--tokenizer"):
         export_hf(tmp_path / "mx", tokenizer=str(tmp_path / "missing.json"))
+
+
+def test_stock_moe_aux_loss_weight_carries_over_for_one_layer(tmp_path, tokenizer_file):
+    """Qwen2-MoE's pooled Switch loss counts experts per token (top_k x mixtrain's share):
+    the export's router_aux_loss_coef = lb_loss_weight / top_k gives the same weighted loss
+    for one MoE layer."""
+    cfg = case_config("moe")
+    cfg.model.n_layers = 1
+    model = write_mixtrain_export(tmp_path / "mx", cfg, tokenizer_file)
+    out, target = export_hf(tmp_path / "mx", tmp_path / "hf")
+    assert target.architecture == "Qwen2MoeForCausalLM"
+    hf = load_hf(out, dtype=torch.float32)
+    ids = torch.randint(0, 300, (2, SEQ), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        lb = model(ids).aux["lb_loss"].item()
+        got = hf(ids, output_router_logits=True).aux_loss.item()
+    assert got == pytest.approx(cfg.model.moe.top_k * lb, rel=1e-5)
+    assert hf.config.router_aux_loss_coef * got == pytest.approx(cfg.model.moe.lb_loss_weight * lb, rel=1e-5)

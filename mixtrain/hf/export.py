@@ -38,8 +38,11 @@ MoE auxiliary losses: mixtrain computes the load-balancing loss per MoE layer
 (``E * sum_e f_e P_e`` with ``f_e`` the share of the N*k assignments) and averages over
 layers, plus a z-loss. The stock HF classes pool the router statistics of all layers
 before one Switch loss, count ``f_e`` per token rather than per assignment (``top_k``
-times larger) and have no z-loss, so ``router_aux_loss_coef`` is not ``lb_loss_weight``
-(see the README). The remote-code class computes mixtrain's own losses.
+times larger: 2.0 at perfect balance with top-2, where mixtrain gives 1.0) and have no
+z-loss. The export sets ``router_aux_loss_coef = lb_loss_weight / top_k`` (the same
+weighted loss for one MoE layer); with several layers the pooled value differs from the
+per-layer mean whenever layers route differently (see the README). The remote-code class
+computes mixtrain's own losses with its weights.
 """
 
 from __future__ import annotations
@@ -135,6 +138,14 @@ def _common(m: Any, tok: "TokenizerInfo") -> dict[str, Any]:
     )
 
 
+def _hf_aux_coef(moe: Any) -> float:
+    """HF's router_aux_loss_coef for mixtrain's lb_loss_weight: HF's Switch loss counts
+    f_e per token (top_k times mixtrain's per-assignment share), so for one MoE layer
+    coef * HF loss == lb_loss_weight * mixtrain loss exactly; with several layers HF pools
+    the statistics over layers and the two differ when the layers route differently."""
+    return float(moe.lb_loss_weight) / int(moe.top_k)
+
+
 def _layer_types(layout) -> list[str]:
     return ["sliding_attention" if s.kind == "sliding" else "full_attention" for s in layout.layers]
 
@@ -161,7 +172,7 @@ def hf_config(target: HFTarget, m: Any, layout, tok: "TokenizerInfo"):
     if arch == "MixtralForCausalLM":
         c["intermediate_size"] = int(moe.expert_hidden)
         return tf.MixtralConfig(**c, **_rope(m), sliding_window=window, num_local_experts=int(moe.n_experts),
-                                num_experts_per_tok=int(moe.top_k), router_aux_loss_coef=float(moe.lb_loss_weight),
+                                num_experts_per_tok=int(moe.top_k), router_aux_loss_coef=_hf_aux_coef(moe),
                                 router_jitter_noise=0.0)
     if arch == "Qwen2MoeForCausalLM":
         return tf.Qwen2MoeConfig(
@@ -170,7 +181,7 @@ def hf_config(target: HFTarget, m: Any, layout, tok: "TokenizerInfo"):
             num_experts=int(moe.n_experts), num_experts_per_tok=int(moe.top_k),
             moe_intermediate_size=int(moe.expert_hidden), shared_expert_intermediate_size=0,
             norm_topk_prob=bool(moe.renormalize), decoder_sparse_step=1, mlp_only_layers=[],
-            qkv_bias=False, router_aux_loss_coef=float(moe.lb_loss_weight))
+            qkv_bias=False, router_aux_loss_coef=_hf_aux_coef(moe))
     from mixtrain.hf.remote.configuration_mixtrain import MixtrainConfig
 
     extra = {}
