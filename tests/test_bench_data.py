@@ -103,6 +103,8 @@ def test_bench_data_figures_match_independent_counts(tmp_path, capsys):
         assert row["units"] >= 2 and row["processes"] == 2 and row["peak_processes"] >= 3
         assert row["memory_samples"] > 3 and 50e6 < row["peak_process_rss"] and 50e6 < row["peak_tree_pss"] <= row["peak_tree_rss"]
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["prepare_wall_s"])
+        assert 0 < row["cpu_s"] <= row["prepare_wall_s"] * result["machine"]["cores"] * 1.05 + 0.5
+        assert row["tokens_per_cpu_s"] == pytest.approx(row["tokens"] / row["cpu_s"])
         read = row["read"]
         assert read["tokens"] == read["batches"] * 8 * 128 > 0 and read["num_workers"] == 0
         assert read["tokens_per_s"] == pytest.approx(read["tokens"] / read["seconds"])

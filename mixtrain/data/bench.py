@@ -11,7 +11,9 @@ For each size N in ``--tokens`` (e.g. ``10M,40M``), in one run:
    shards; the characters per token are measured on its first 256 documents;
 3. preparation with the real path (:func:`mixtrain.data.pretrain.prepare`, the one
    ``mixtrain data prepare`` runs) in a fresh child process, with ``--num-proc``
-   worker processes. Measured: wall time; tokens/s and tokens/s per process; peak
+   worker processes. Measured: wall time; tokens/s and tokens/s per process; tokens
+   per CPU-second (user+system time of the child and its workers: the per-core speed
+   even when other programs share the cores, which wall-clock figures are not); peak
    memory three ways: the peak *sum* of RSS over the child and all its descendants
    (sampled every 50 ms with psutil; counts pages shared between processes once per
    process, so it is an upper bound), the peak sum of PSS (shared pages divided among
@@ -159,10 +161,12 @@ def _prepare_child(arg: str) -> None:
 
     a = json.loads(arg)
     cfg = DataConfig(**a["data"])
+    before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     p = prepare(cfg, a["seq_len"], None)
     wall = time.perf_counter() - t0
     me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = lambda r: r.ru_utime + r.ru_stime  # noqa: E731
     print("@@RESULT " + json.dumps({
         "wall_s": wall,
         "dir": str(p.dir),
@@ -170,7 +174,7 @@ def _prepare_child(arg: str) -> None:
         "disk_bytes_api": p.disk_bytes(),
         "maxrss_self_kb": me.ru_maxrss,
         "maxrss_children_kb": kids.ru_maxrss,
-        "cpu_s": me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime,
+        "cpu_s": cpu(me) - cpu(before) + cpu(kids),  # preparing only (not the imports before it)
     }), flush=True)
 
 
@@ -258,6 +262,9 @@ def bench_size(n_tokens: int, args, tok_spec: str, tok, work: Path) -> dict:
         "tokens_per_s": tokens / prep["wall_s"],
         "tokens_per_s_per_process": tokens / prep["wall_s"] / procs,
         "cpu_s": prep["cpu_s"],
+        # CPU time of the preparing process and its workers: per-core speed that does not
+        # depend on other programs sharing the cores (wall-clock figures do)
+        "tokens_per_cpu_s": tokens / prep["cpu_s"],
         "peak_tree_rss": prep["peak_tree_rss"],
         "peak_tree_pss": prep["peak_tree_pss"],
         "peak_process_rss": prep["peak_process_rss"],
@@ -306,13 +313,13 @@ def _count(n: float) -> str:
 
 def format_table(rows: list[dict]) -> str:
     base = rows[0]["peak_tree_rss"] if rows else 1
-    head = ("| tokens | wall | tokens/s per process (procs) | peak RSS tree (x smallest) | peak PSS tree | "
+    head = ("| tokens | wall | tokens/s per process (procs) | tokens per CPU-s | peak RSS tree (x smallest) | peak PSS tree | "
             "largest process | disk | bytes/token | left in cache | read tokens/s (workers) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {_count(r['tokens'])} | {r['prepare_wall_s']:.1f} s | {r['tokens_per_s_per_process'] / 1e6:.2f}M "
-            f"({r['processes']}) | {_gb(r['peak_tree_rss'])} ({r['peak_tree_rss'] / base:.2f}x) | "
+            f"({r['processes']}) | {r['tokens_per_cpu_s'] / 1e6:.2f}M | {_gb(r['peak_tree_rss'])} ({r['peak_tree_rss'] / base:.2f}x) | "
             f"{_gb(r['peak_tree_pss'])} | {_gb(r['peak_process_rss'])} | {_gb(r['prepared_bytes'])} | "
             f"{r['bytes_per_token']:.3f} | {r['leftover_cache_bytes'] + r['hf_datasets_cache_bytes']} B | "
             f"{r['read']['tokens_per_s'] / 1e6:.2f}M ({r['read']['num_workers']}) |"
