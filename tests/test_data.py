@@ -524,3 +524,22 @@ def test_a_damaged_shard_is_rebuilt(tmp_path):
     assert any("is damaged" in str(w.message) for w in caught)
     assert path.read_bytes() == good
     assert len(again.dataset("train")) == first.meta["splits"]["train"]["sequences"]
+
+
+def test_held_out_documents_are_the_val_shards(tmp_path):
+    """Perplexity's held-out documents (load_documents + held_out_mask) are exactly the
+    documents of the val shards, also when the corpus spans several units."""
+    docs = make_docs(30, words=40)
+    with open(tmp_path / "a.jsonl", "w") as f:
+        for d in docs:
+            f.write(json.dumps({"text": d}) + "\n")
+    cfg = DataConfig(source="files", paths=[str(tmp_path / "a.jsonl")], cache_dir=str(tmp_path / "cache"),
+                     vocab_size=300, val_fraction=0.2, shard_mb=0.002, num_proc=1)
+    prep = prepare(cfg, 16, 512)
+    assert prep.meta["units"] > 2
+    mask = pretrain.held_out_mask(cfg, len(docs), prep.tokenizer)
+    tok = prep.tokenizer
+    val = [t for d, m in zip(docs, mask) if m for t in tok.encode(d) + [tok.eos_id]]
+    got = np.concatenate([np.fromfile(shards.unit_paths(prep.dir, u)["val.bin"], dtype="<u2")
+                          for u in range(prep.meta["units"])]).tolist()
+    assert got == val and int(mask.sum()) == prep.meta["splits"]["val"]["documents"]

@@ -81,6 +81,19 @@ def split_documents(n_docs: int, val_fraction: float, seed: int) -> np.ndarray:
     return mask
 
 
+def held_out_mask(cfg: Any, n_docs: int, tok: Tok) -> np.ndarray:
+    """Which of the corpus's ``n_docs`` documents (in corpus order, empty ones dropped, as
+    ``load_documents`` gives them) are validation documents of its prepared shards: the
+    per-unit rule of :mod:`mixtrain.data.shards`, with each unit's document count read
+    from the prepared index (one unit when the corpus is not prepared yet)."""
+    c = as_data_config(cfg)
+    counts = [n_docs]
+    index = shards.read_index(packed_dir(c, tok))
+    if index is not None and sum(p[1] + p[3] for p in index["parts"]) == n_docs:
+        counts = [p[1] + p[3] for p in index["parts"]]
+    return np.concatenate([shards.split_mask(n, c.val_fraction, c.seed, u) for u, n in enumerate(counts)])
+
+
 # --------------------------------------------------------------------------- prepare
 
 

@@ -73,7 +73,7 @@ def held_out_sequences(data_cfg: Any, tokenizer, length: int, max_sequences: int
     import datasets
 
     from mixtrain.data.corpus import as_data_config, load_documents
-    from mixtrain.data.pretrain import split_documents
+    from mixtrain.data.pretrain import held_out_mask
 
     c = as_data_config(data_cfg)
     docs = load_documents(c)
@@ -81,7 +81,7 @@ def held_out_sequences(data_cfg: Any, tokenizer, length: int, max_sequences: int
         texts = [row["text"] for _, row in zip(range(max_scan_docs), docs)]
     else:
         n = len(docs)
-        val = split_documents(n, c.val_fraction, c.seed) if c.val_fraction > 0 and n > 1 else None
+        val = held_out_mask(c, n, tokenizer) if c.val_fraction > 0 and n > 1 else None  # the shards' val documents
         rows = [i for i in range(n) if val is None or val[i]][:max_scan_docs]
         texts = docs.select(rows)["text"] if rows else []
     need = length + 1
