@@ -5,14 +5,14 @@ What it looks like (:class:`SynthText`):
 
 - a vocabulary of ``vocab_words`` words: ~200 of the most frequent English words at
   the head, then made-up words built from English-like syllables and suffixes
-  ("strainted", "clousing", "brealy"), longer as they get rarer, some capitalised as
+  ("skear", "seasment", "droont", "graustity"), longer as they get rarer, some capitalised as
   names;
-- word frequencies Zipfian (``p(rank) ~ 1/rank^zipf_s``, s = 1.07 as measured for
-  English), sampled by inverse CDF;
-- prose documents: a title line, paragraphs of 2-8 sentences, sentences of
-  lognormal length (mean ~18 words) with commas, ``?``/``!`` now and then, numbers
-  and years; document lengths lognormal (median ~350 words, from a few dozen to tens
-  of thousands);
+- word frequencies Zipfian (``p(rank) ~ 1/rank^zipf_s``, s = 1.07, close to English's),
+  sampled by inverse CDF;
+- prose documents: a title line, paragraphs of ~5 sentences on average (a break after
+  one sentence end in five), sentences of lognormal length (mean ~17 words) with
+  commas, ``?``/``!`` now and then, numbers and years; document lengths lognormal
+  (median ~350 words, from 16 to 30,000);
 - code-like documents (``code_fraction``, 10% by default): Python-ish modules with
   imports, functions, docstrings, indentation, operators and literals, identifiers
   drawn from the same Zipfian vocabulary.
@@ -20,7 +20,8 @@ What it looks like (:class:`SynthText`):
 Document ``i`` depends only on ``(seed, i)``: a corpus of N tokens is a prefix of a
 larger one with the same seed. :func:`write_corpus` streams documents into shards
 (``.jsonl``, ``.jsonl.zst`` or ``.parquet``) of about ``shard_chars`` characters each;
-memory stays bounded (one shard's buffer at most, a row group for Parquet).
+memory stays bounded (one block of 256 documents, plus a row group of at most ~32 MB of
+text for Parquet).
 """
 
 from __future__ import annotations
