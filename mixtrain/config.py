@@ -15,7 +15,41 @@ from __future__ import annotations
 import re
 
 from dataclasses import dataclass, field
+from enum import Enum
 from typing import Any, Optional
+
+
+class Choice(str, Enum):
+    """A setting with a fixed set of values, checked once when the recipe is composed
+    (``train.trainable=mlp`` is refused naming the key and the values). Members are
+    their own strings: ``==``, ``str()``, f-strings, ``repr()`` and JSON see "csv", not
+    the enum."""
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+    def __format__(self, spec: str) -> str:
+        return format(str(self.value), spec)
+
+    def __repr__(self) -> str:
+        return repr(self.value)
+
+
+def _choice(name: str, *values: str) -> type[Choice]:
+    return Choice(name, [(v, v) for v in values], module=__name__)  # type: ignore[return-value]
+
+
+MoEImpl = _choice("MoEImpl", "native", "megablocks")
+AttnImpl = _choice("AttnImpl", "auto", "sdpa", "flex")
+DataKind = _choice("DataKind", "pretrain", "longqa", "recall")
+DataSource = _choice("DataSource", "embedded", "files", "hub")
+QASource = _choice("QASource", "offline", "jsonl", "hf")
+Trainable = _choice("Trainable", "all", "attention")
+Stage = _choice("Stage", "pretrain", "extend", "longqa")
+Strategy = _choice("Strategy", "auto", "ddp", "fsdp")
+ActivationCheckpointing = _choice("ActivationCheckpointing", "none", "full", "selective")
+LoggerKind = _choice("LoggerKind", "wandb", "csv", "none")
+LoggerMode = _choice("LoggerMode", "auto", "online", "offline", "disabled")
 
 
 @dataclass
@@ -29,7 +63,7 @@ class MoEConfig:
     renormalize: bool = False
     # "native": stacked expert weights (torch._grouped_mm on CUDA, per-expert loop on CPU);
     # "megablocks": megablocks dMoE (optional extra, CUDA only).
-    impl: str = "native"
+    impl: MoEImpl = MoEImpl.native
     # Loss weights applied by the trainer to the auxiliary losses the layers return.
     lb_loss_weight: float = 0.01
     z_loss_weight: float = 0.001
@@ -60,7 +94,7 @@ class ModelConfig:
     norm_eps: float = 1e-5
     init_std: float = 0.02
     # "auto": FlexAttention on CUDA, SDPA with an explicit mask elsewhere.
-    attn_impl: str = "auto"
+    attn_impl: AttnImpl = AttnImpl.auto
     # model=from_hf: the Hugging Face model folder (config.json) the fields above are
     # derived from (mixtrain/hf/importer.py); null for mixtrain's own recipes.
     hf_path: Optional[str] = None
@@ -103,8 +137,8 @@ class DataConfig:
     """
 
     # What the examples are: "pretrain" (packed next-token sequences).
-    kind: str = "pretrain"
-    source: str = "embedded"
+    kind: DataKind = DataKind.pretrain
+    source: DataSource = DataSource.embedded
     paths: Optional[list[str]] = None
     hub_name: Optional[str] = None
     hub_config: Optional[str] = None
@@ -154,7 +188,7 @@ class DataConfig:
     # Where the pairs come from: "offline" (generated from each chunk's own text, no
     # model), "jsonl" (qa_path: records with context/question/answer) or "hf" (an HF
     # data set qa_hub_name with those fields; needs network or an HF cache).
-    qa_source: str = "offline"
+    qa_source: QASource = QASource.offline
     # Offline generator: "fact" (a planted "secret code" sentence), "span" (continue a
     # quoted span of the chunk), "mixed" (either, per chunk), or "module:function" taking
     # (chunk_text, random.Random) and returning (context, question, answer).
@@ -203,12 +237,12 @@ class TrainConfig:
     max_tokens: int = 1_000_000
     # "all", or "attention": freeze everything but the attention weights
     # (the paper's context-extension and QA stages).
-    trainable: str = "all"
+    trainable: Trainable = Trainable.all
     # Start from the weights of this checkpoint / exported model (a new run, not a resume).
     init_from: Optional[str] = None
     # Which of the paper's stages this run is: "pretrain", "extend" or "longqa". The
     # later stages start from the previous stage's weights, so they need init_from.
-    stage: str = "pretrain"
+    stage: Stage = Stage.pretrain
     val_every_steps: int = 50
     val_batches: int = 8
     save_every_steps: int = 100
@@ -240,11 +274,11 @@ class TrainerConfig:
     num_nodes: int = 1
     # "auto" (one device), "ddp", or "fsdp" (FSDP2 fully_shard per block through
     # Lightning's ModelParallelStrategy).
-    strategy: str = "auto"
+    strategy: Strategy = Strategy.auto
     # null: bf16 mixed precision on GPU, fp32 on CPU.
     precision: Optional[str] = None
     # "none", "full" (every block) or "selective" (every other block).
-    activation_checkpointing: str = "none"
+    activation_checkpointing: ActivationCheckpointing = ActivationCheckpointing.none
     compile: bool = False
     # Build the model on the meta device and initialise it after sharding.
     meta_init: bool = False
@@ -256,13 +290,13 @@ class TrainerConfig:
 @dataclass
 class LoggerConfig:
     # "wandb", "csv" or "none".
-    kind: str = "wandb"
+    kind: LoggerKind = LoggerKind.wandb
     project: str = "mixtrain"
     entity: Optional[str] = None
     group: Optional[str] = None
     tags: list[str] = field(default_factory=list)
     # "auto": online when a W&B API key is configured, offline otherwise.
-    mode: str = "auto"
+    mode: LoggerMode = LoggerMode.auto
 
 
 @dataclass
@@ -392,11 +426,18 @@ def setup_hydra() -> None:
     register_resolvers()
 
 
+_CHOICE_ERROR = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]\s+full_key: (\S+)")
+
+
 def _explain(e: BaseException) -> str:
     """Hydra's message and the causes under it (which name the key and the type)."""
     parts, seen = [], set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
+        choice = _CHOICE_ERROR.search(str(e))
+        if choice:  # a Choice setting: the same words as every other refused value
+            value, allowed, key = choice.groups()
+            return f"{key}={value!r} is not known; use one of: {allowed}"
         text = str(e).strip().split("\n    full_key:")[0]
         if text and text not in parts and "$VALUE" not in text:
             parts.append(text)

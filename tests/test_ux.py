@@ -211,3 +211,45 @@ def test_exported_weights_follow_the_umask(trained, tmp_path):
     finally:
         os.umask(old)
     assert oct(os.stat(out / "model.safetensors").st_mode & 0o777) == oct(0o644)
+
+
+# ------------------------------------------------------------ choices as types
+def test_a_choice_is_refused_at_compose_time_with_the_values():
+    from omegaconf import OmegaConf
+
+    for override, message in [
+        ("train.trainable=mlp", "train.trainable='mlp' is not known; use one of: all, attention"),
+        ("trainer.strategy=deepspeed", "trainer.strategy='deepspeed' is not known; use one of: auto, ddp, fsdp"),
+        ("logger.kind=tensorboard", "logger.kind='tensorboard' is not known; use one of: wandb, csv, none"),
+        ("data.source=s3", "data.source='s3' is not known; use one of: embedded, files, hub"),
+        ("model.attn_impl=fast", "model.attn_impl='fast' is not known; use one of: auto, sdpa, flex"),
+    ]:
+        with pytest.raises(UserError) as e:
+            compose([override])
+        assert str(e.value) == message
+    cfg = compose(["logger=csv", "model=paper_moe"])
+    # A choice reads as its string everywhere: comparisons, messages, YAML, containers.
+    assert cfg.logger.kind == "csv" and f"{cfg.logger.kind}" == "csv" and repr(cfg.model.moe.impl) == "'native'"
+    assert "kind: csv" in OmegaConf.to_yaml(cfg.logger)
+    assert type(OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)["logger"]["kind"]) is str
+
+
+@pytest.mark.parametrize("chunk, seq_len", [(8, 128), (100, 128)])
+def test_early_and_late_checks_of_qa_chunk_tokens_agree(shared_cache, tmp_path, chunk, seq_len):
+    """data.qa_chunk_tokens=8 passed the early check and failed after the run directory
+    existed: now refused up front with the data builder's own words, nothing made."""
+    from mixtrain.train.checks import check_recipe
+
+    over = overrides(shared_cache, tmp_path, "qa", "data.kind=longqa", f"data.qa_chunk_tokens={chunk}",
+                     f"train.seq_len={seq_len}", "model.max_seq_len=256")
+    with pytest.raises(UserError) as early:
+        check_recipe(compose(over))
+    assert not (tmp_path / "qa").exists()
+    # The late check (the long-QA builder, after the data is loaded) says the same.
+    from mixtrain.data import longqa
+    from mixtrain.data.pretrain import load_tokenizer
+
+    cfg = compose(over)
+    with pytest.raises(UserError) as late:
+        longqa.build(cfg.data, load_tokenizer(cfg.data, cfg.model.vocab_size), seq_len, tmp_path / "late")
+    assert str(early.value) == str(late.value)

@@ -245,7 +245,7 @@ class LMModule(L.LightningModule):
 
     # ----------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        checkpoint["mixtrain_config"] = OmegaConf.to_container(self.cfg, resolve=True)
+        checkpoint["mixtrain_config"] = OmegaConf.to_container(self.cfg, resolve=True, enum_to_str=True)
 
 
 def _load_into_possibly_sharded(model: torch.nn.Module, state_dict: dict[str, torch.Tensor]) -> None:

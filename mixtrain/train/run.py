@@ -173,7 +173,7 @@ def build_trainer(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optional[
     from mixtrain.train.checkpoint import checkpoint_step
 
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return L.Trainer(
         accelerator="gpu" if plan.on_gpu else "cpu",
         devices=cfg.trainer.devices if cfg.trainer.devices != "auto" else "auto",
