@@ -9,7 +9,12 @@ Shapes: N tokens (= B*T), C d_model, E experts, H expert_hidden, k top_k.
     scatter-add y * weight back to the tokens -> [N, C]
 
 Expert compute: ``torch._grouped_mm`` on CUDA in bf16 (one kernel for all experts),
-a per-expert loop over the same sorted buffer elsewhere.
+a per-expert loop over the same sorted buffer elsewhere. ``MoE.expert_impl = "grouped"``
+forces the grouped path on any device (torch >= 2.8 runs it on CPU too, forward and
+backward, fp32 and bf16: that is how CI tests the GPU path); under autocast (CUDA or
+CPU) both paths compute the experts in the autocast dtype. In 16-bit, ``_grouped_mm``
+needs rows of a multiple of 16 bytes (d_model and expert_hidden multiples of 8): the
+automatic choice falls back to the loop otherwise.
 
 Auxiliary losses (returned, weighted by the trainer):
     lb_loss = E * sum_i f_i * P_i   (Switch / GShard; exactly 1.0 at perfect balance)
@@ -125,14 +130,26 @@ class MoE(nn.Module):
 
     def experts(self, x_sorted: Tensor, counts: Tensor) -> Tensor:
         in_dtype = x_sorted.dtype
-        if x_sorted.is_cuda and torch.is_autocast_enabled("cuda"):
+        device_type = x_sorted.device.type
+        if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
             # Under bf16 autocast the residual stream is fp32: compute the experts in the
             # autocast dtype (torch._grouped_mm is not an autocast op).
-            x_sorted = x_sorted.to(torch.get_autocast_dtype("cuda"))
+            x_sorted = x_sorted.to(torch.get_autocast_dtype(device_type))
+        E, C, H = self.w1.shape
+        row_bytes_ok = (C * x_sorted.element_size()) % 16 == 0 and (H * x_sorted.element_size()) % 16 == 0
         impl = self.expert_impl
         if impl is None:
             # Meta tensors (shape checks) take the grouped path: it needs no counts on the host.
-            impl = "grouped" if (x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16) or x_sorted.is_meta else "loop"
+            grouped = x_sorted.is_cuda and x_sorted.dtype == torch.bfloat16 and row_bytes_ok
+            impl = "grouped" if grouped or x_sorted.is_meta else "loop"
+        elif impl not in ("grouped", "loop"):
+            raise ValueError(f"MoE.expert_impl={impl!r}: expected None (automatic), 'grouped' or 'loop'")
+        if impl == "grouped" and not row_bytes_ok and not x_sorted.is_meta:
+            raise ValueError(
+                f"the grouped MoE path (torch._grouped_mm) in {x_sorted.dtype} needs d_model ({C}) and "
+                f"model.moe.expert_hidden ({H}) to be multiples of {16 // x_sorted.element_size()} "
+                "(rows of a multiple of 16 bytes); change them, or use the per-expert loop"
+            )
         fn = swiglu_experts_grouped if impl == "grouped" else swiglu_experts_loop
         return fn(x_sorted, counts, self.w1, self.w3, self.w2).to(in_dtype)
 
