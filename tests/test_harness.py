@@ -191,9 +191,18 @@ def test_hf_export_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
     assert "harness/mt_mc/acc_norm" in keys and "harness/mt_gen/exact_match" in format_compare([rec])
     # ma_offset: remote code (trust_remote_code=True) against mixtrain's engine with shared KV
     ma, ma_hf = models["ma_offset"]
-    ref, mine = hf_results(ma_hf, tasks_dir, remote_code=True), mixtrain_eval(ma, tasks_dir)
+    ref, mine = hf_results(ma_hf, tasks_dir, remote_code=True), mixtrain_eval(ma, tasks_dir, "--wandb")
     assert_same(ref, mine, ma)
     assert mine["layout"] == "ma_offset"
+    # --wandb: the scores are in the (offline) W&B run (an export without a training run: its own, under eval/)
+    from mixtrain.report.logs import wandb_records, wandb_run_files
+
+    logged = {}
+    for rec in wandb_records(wandb_run_files(ma / "eval")[-1]):
+        if rec.WhichOneof("record_type") == "history":
+            logged.update({(i.key or "/".join(i.nested_key)): json.loads(i.value_json) for i in rec.history.item})
+    assert logged["harness/mt_mc/acc"] == mine["harness"]["mt_mc"]["acc"]
+    assert logged["harness/mt_gen/exact_match"] == mine["harness"]["mt_gen"]["exact_match"]
 
 
 @pytest.mark.slow  # lm-eval indexes its ~15,000 built-in tasks to know which names exist
