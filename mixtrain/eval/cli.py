@@ -160,7 +160,7 @@ def run(args) -> int:
     for flag in ("max_new_tokens", "ppl_length"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             raise UserError(f"--{flag.replace('_', '-')} must be at least 1")
-    needs_docs = any(t in ruler.ESSAY_TASKS or t.startswith("qa_") for t in tasks)
+    needs_docs = any(ruler.TASKS[t].documents != "none" for t in tasks)  # required, or optional filler (qa_*)
     given_docs = read_haystack_files(args.haystack) if args.haystack and needs_docs else None  # before loading
     src = Path(args.model)
     run_dir = RunDir.of_path(src).path
