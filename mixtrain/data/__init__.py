@@ -2,8 +2,10 @@
 
 - :mod:`mixtrain.data.corpus`: ``load_documents``, ``embedded_corpus_path``
 - :mod:`mixtrain.data.tokenizer`: ``get_tokenizer``, ``train_bpe``, ``Tok``
-- :mod:`mixtrain.data.pretrain`: ``prepare``, ``PackedDataset``, ``ResumableSampler``,
-  ``PretrainDataModule``
+- :mod:`mixtrain.data.shards`: the token-shard format and its parallel, resumable,
+  multi-machine build (``build_dataset``, ``plan_units``, ``read_index``)
+- :mod:`mixtrain.data.pretrain`: ``prepare``, ``prepare_all`` (mixtures), ``PackedDataset``,
+  ``ResumableSampler``, ``MixtureSampler``, ``PretrainDataModule``
 - :mod:`mixtrain.data.longqa`: ``prepare_longqa``, ``LongQADataModule`` (stage-3 long-context QA)
 - :mod:`mixtrain.data.recall`: ``RecallSpec``, ``RecallDataModule`` (synthetic associative recall)
 - :mod:`mixtrain.data.cli`: the ``mixtrain data`` subcommands
@@ -28,6 +30,8 @@ _EXPORTS = {
     "Prepared": "pretrain",
     "PackedDataset": "pretrain",
     "ResumableSampler": "pretrain",
+    "MixtureSampler": "pretrain",
+    "prepare_all": "pretrain",
     "PretrainDataModule": "pretrain",
     "LongQADataModule": "longqa",
     "prepare_longqa": "longqa",
