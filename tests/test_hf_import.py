@@ -84,6 +84,18 @@ def test_moe_imports_mixtral_and_qwen2moe_without_shared_expert(tmp_path):
         path = save(model, tmp_path / name)
         diff = (hf_logits(model, x) - mixtrain_logits(path, None, x)).abs().max().item()
         assert diff <= 1e-5, (name, diff)
+    # transformers 5 keeps the experts fused in memory ([E, 2H, C] gate_up, [E, C, H] down): a
+    # checkpoint saved in that form (e.g. from model.state_dict()) loads too
+    state = mix.state_dict()
+    if any(k.endswith("experts.gate_up_proj") for k in state):
+        from safetensors.torch import save_file
+
+        fused = tmp_path / "mixtral-fused"
+        fused.mkdir()
+        shutil.copyfile(tmp_path / "mixtral" / "config.json", fused / "config.json")
+        save_file({k: v.contiguous() for k, v in state.items()}, fused / "model.safetensors")
+        diff = (hf_logits(mix, x) - mixtrain_logits(fused, None, x)).abs().max().item()
+        assert diff <= 1e-5, diff
     cfg = compose(["model=from_hf_moe", f"model.hf_path={tmp_path / 'mixtral'}", "model.moe.lb_loss_weight=0.02"])
     assert (cfg.model.moe.n_experts, cfg.model.moe.top_k, cfg.model.moe.renormalize, cfg.model.moe.lb_loss_weight) == (4, 2, True, 0.02)
     assert compose(["model=from_hf_moe", f"model.hf_path={tmp_path / 'qwen2moe'}"]).model.moe.renormalize is False

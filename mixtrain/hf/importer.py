@@ -438,14 +438,22 @@ def convert(path: Any, model_cfg: Any, layout: Any, key: str = "train.init_from"
             dropped_qk.append(i)
         if FAMILIES[mt][2]:
             pre = hf + ("block_sparse_moe." if mt == "mixtral" else "mlp.")
-            names = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+            if hf + "mlp.experts.gate_up_proj" in raw:  # transformers 5's fused in-memory form
+                pre = hf + "mlp."
+                gate_up, down = take(pre + "experts.gate_up_proj"), take(pre + "experts.down_proj")  # [E,2H,C], [E,C,H]
+                H = gate_up.shape[1] // 2
+                out[f"layers.{i}.mlp.w1"] = gate_up[:, :H].transpose(1, 2).contiguous()
+                out[f"layers.{i}.mlp.w3"] = gate_up[:, H:].transpose(1, 2).contiguous()
+                out[f"layers.{i}.mlp.w2"] = down.transpose(1, 2).contiguous()
+            else:  # one tensor per expert, [out, in] (what save_pretrained writes)
+                names = ("w1", "w3", "w2") if mt == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+                E = get(model_cfg, "moe")
+                E = int(E["n_experts"] if isinstance(E, dict) else E.n_experts)
+                for mine, theirs in zip(("w1", "w3", "w2"), names):
+                    ws = [take(f"{pre}experts.{e}.{theirs}.weight") for e in range(E)]
+                    if all(w is not None for w in ws):
+                        out[f"layers.{i}.mlp.{mine}"] = torch.stack([w.t() for w in ws]).contiguous()
             out[f"layers.{i}.mlp.router.weight"] = take(pre + "gate.weight")
-            E = get(model_cfg, "moe")
-            E = int(E["n_experts"] if isinstance(E, dict) else E.n_experts)
-            for mine, theirs in zip(("w1", "w3", "w2"), names):
-                ws = [take(f"{pre}experts.{e}.{theirs}.weight") for e in range(E)]
-                if all(w is not None for w in ws):
-                    out[f"layers.{i}.mlp.{mine}"] = torch.stack([w.t() for w in ws]).contiguous()
             shared = [k for k in raw if k.startswith(pre + "shared_expert")]
             for k in shared:
                 used.add(k)
