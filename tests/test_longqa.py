@@ -431,6 +431,3 @@ def test_step_gradient_weighs_every_answer_token_equally(corpus):
     for name, g in expected.items():
         torch.testing.assert_close(one_batch[name], g, rtol=1e-4, atol=1e-7, msg=name)
         torch.testing.assert_close(accumulated[name], g, rtol=1e-4, atol=1e-7, msg=name)
-    # The expected count the weighting starts from is the data set's own.
-    assert dm.train_set.supervised_tokens() == sum(
-        int((dm.train_set[i]["labels"] != -100).sum()) for i in range(len(dm.train_set)))

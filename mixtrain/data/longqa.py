@@ -607,11 +607,6 @@ class LongQADataset(torch.utils.data.Dataset):
     def __len__(self) -> int:
         return self.n
 
-    def supervised_tokens(self) -> int:
-        """Tokens with a loss in the whole split (each answer token and the EOS after it)."""
-        self._open()
-        return int(np.count_nonzero(self._mask))
-
     def qa(self) -> list[dict]:
         """The QA records of every example (from ``{split}.qa.jsonl``)."""
         with open(self.dir / f"{self.split}.qa.jsonl", encoding="utf-8") as f:
@@ -653,13 +648,6 @@ class LongQADataModule(PretrainDataModule):
 
     def _too_few_val(self, world: int):
         return None  # too few held-out examples to shard: validate on none
-
-    def supervised_tokens_per_example(self) -> Optional[float]:
-        """Mean answer (+ EOS) targets per training example: examples differ, so the
-        training step weighs every answer token equally (``LMModule``)."""
-        if self.train_set is None:
-            self.setup("fit")
-        return self.train_set.supervised_tokens() / max(len(self.train_set), 1)
 
 
 __all__ = [

@@ -1,4 +1,5 @@
-"""The LightningModule: next-token loss (+ MoE auxiliary losses), AdamW with warmup
+"""The LightningModule: next-token loss (+ MoE auxiliary losses, normalised over the
+step's supervised tokens by :class:`mixtrain.train.loss.StepLoss`), AdamW with warmup
 and cosine decay, gradient clipping, and the model built (and parallelised) in
 ``configure_model`` so FSDP2 and meta-device construction work."""
 
@@ -9,11 +10,11 @@ from typing import Any, Optional
 
 import lightning as L
 import torch
-import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
 from mixtrain.layouts import Layout
 from mixtrain.model import Transformer
+from mixtrain.train.loss import StepLoss, lm_loss  # noqa: F401  (lm_loss: `mixtrain bench train` reads it here)
 from mixtrain.train.parallel import parallelize
 
 
@@ -48,38 +49,6 @@ def freeze_all_but_attention(model: torch.nn.Module) -> int:
     return n
 
 
-def lm_loss(out, labels: torch.Tensor, moe=None, tokens_ref: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-    """Next-token cross-entropy (labels of -100 are ignored: padding, or the non-answer
-    tokens of the long-QA stage) plus the weighted MoE load-balancing and z-losses.
-    Returns the loss to minimise and detached metrics (``ce``, ``ce_sum``, ``tokens``,
-    ``lb_loss``, ``z_loss``, ``expert_counts``).
-
-    With ``tokens_ref`` (the expected number of supervised tokens in a micro-batch) the
-    cross-entropy term is ``ce_sum / tokens_ref`` instead of the batch mean: every token
-    weighs the same whatever batch it is in, and :meth:`LMModule.on_before_optimizer_step`
-    turns the step's gradient into the exact token-weighted mean (see there)."""
-    logits = out.logits.float()
-    flat_logits, flat_labels = logits.view(-1, logits.size(-1)), labels.reshape(-1)
-    tokens = (labels != -100).sum()
-    if tokens_ref is None:
-        ce = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100)
-        loss, ce_sum = ce, ce.detach() * tokens
-    else:  # a sum: a micro-batch without a supervised token adds 0, not 0/0
-        ce_sum = F.cross_entropy(flat_logits, flat_labels, ignore_index=-100, reduction="sum")
-        ce = ce_sum.detach() / tokens.clamp_min(1)
-        loss, ce_sum = ce_sum / tokens_ref, ce_sum.detach()
-    # ce_sum / tokens add up across micro-batches and ranks to a token-weighted mean
-    # (the long-QA stage supervises a varying number of answer tokens per batch).
-    metrics = {"ce": ce.detach(), "ce_sum": ce_sum, "tokens": tokens}
-    if moe is not None:
-        lb, z = out.aux["lb_loss"], out.aux["z_loss"]
-        loss = loss + moe.lb_loss_weight * lb + moe.z_loss_weight * z
-        metrics.update(lb_loss=lb.detach(), z_loss=z.detach())
-        if "expert_counts" in out.aux:
-            metrics["expert_counts"] = out.aux["expert_counts"]
-    return loss, metrics
-
-
 class LMModule(L.LightningModule):
     def __init__(
         self,
@@ -98,11 +67,7 @@ class LMModule(L.LightningModule):
         self.mixed_precision = mixed_precision
         self.model: Optional[Transformer] = None
         self.init_state_dict: Optional[dict[str, torch.Tensor]] = None  # train.init_from weights
-        self._step_sums: dict[str, torch.Tensor] = {}
-        self._step_micro = 0
-        # Expected supervised tokens per micro-batch when batches differ in how many
-        # tokens carry a loss (the long-QA stage); None when every token does.
-        self._tokens_ref: Optional[float] = None
+        self.step_loss = StepLoss(cfg.model.moe)  # the optimizer step's loss over its micro-batches
 
     # ----------------------------------------------------------------- model
     def configure_model(self) -> None:
@@ -141,44 +106,30 @@ class LMModule(L.LightningModule):
         self.model = model
 
     # ------------------------------------------------------------------ loss
-    def _loss(self, batch: dict[str, torch.Tensor], tokens_ref: Optional[float] = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def _forward(self, batch: dict[str, torch.Tensor]):
         doc_ids = batch.get("doc_ids") if self.cfg.data.intra_doc_attention else None
-        return lm_loss(self.model(batch["input_ids"], doc_ids=doc_ids), batch["labels"], self.cfg.model.moe, tokens_ref)
-
-    def on_train_start(self) -> None:
-        dm = getattr(self.trainer, "datamodule", None)
-        per_example = dm.supervised_tokens_per_example() if hasattr(dm, "supervised_tokens_per_example") else None
-        self._tokens_ref = None if per_example is None else per_example * self.cfg.train.micro_batch_size
+        return self.model(batch["input_ids"], doc_ids=doc_ids)
 
     def training_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> torch.Tensor:
-        loss, metrics = self._loss(batch, self._tokens_ref)
-        # Summed over the micro-batches of one optimizer step, logged once per step.
-        for key, value in metrics.items():
-            self._step_sums[key] = self._step_sums.get(key, 0) + value
-        self._step_micro += 1
-        return loss
+        return self.step_loss.add(self._forward(batch), batch["labels"])
 
     def _log_step_metrics(self) -> None:
-        n, sums = self._step_micro, self._step_sums
-        if not n:
-            return
-        self.log("train/loss", sums["ce_sum"] / sums["tokens"].clamp_min(1), prog_bar=True, on_step=True,
-                 on_epoch=False, sync_dist=True)
-        if "lb_loss" in sums:
-            self.log("train/lb_loss", sums["lb_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
-            self.log("train/z_loss", sums["z_loss"] / n, on_step=True, on_epoch=False, sync_dist=True)
-        if "expert_counts" in sums:
-            counts = sums["expert_counts"].float()  # [n_layers, n_experts], tokens routed this step
-            load = counts / counts.sum(-1, keepdim=True).clamp_min(1) * counts.size(-1)  # 1.0 = balanced
-            self.log("moe/max_expert_load", load.max(), on_step=True, on_epoch=False)
-            self.log("moe/min_expert_load", load.min(), on_step=True, on_epoch=False)
-        self._step_sums, self._step_micro = {}, 0
+        """Log the step's figures (:meth:`StepLoss.metrics`) and start the next step."""
+        m = self.step_loss.metrics()
+        if "loss" in m:
+            self.log("train/loss", m["loss"], prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
+        for key in ("lb_loss", "z_loss"):
+            if key in m:
+                self.log(f"train/{key}", m[key], on_step=True, on_epoch=False, sync_dist=True)
+        for key in ("max_expert_load", "min_expert_load"):
+            if key in m:
+                self.log(f"moe/{key}", m[key], on_step=True, on_epoch=False)
 
     def on_validation_epoch_start(self) -> None:
         self._val_sums = torch.zeros(2, dtype=torch.float64, device=self.device)  # [ce_sum, tokens]
 
     def validation_step(self, batch: dict[str, torch.Tensor], batch_idx: int) -> None:
-        _, metrics = self._loss(batch)
+        _, metrics = lm_loss(self._forward(batch), batch["labels"], self.cfg.model.moe)
         self._val_sums += torch.stack([metrics["ce_sum"].double(), metrics["tokens"].double()])
 
     def on_validation_epoch_end(self) -> None:
@@ -216,8 +167,9 @@ class LMModule(L.LightningModule):
 
     def on_before_optimizer_step(self, optimizer) -> None:
         params = [p for p in self.model.parameters() if p.grad is not None]
-        if self._tokens_ref is not None and self._step_micro:
-            self._token_weight_gradients(params)
+        # The step's micro-batches are all in: divide its summed loss by their global count.
+        self.step_loss.normalise(params, lambda t: self.trainer.strategy.reduce(t, reduce_op="sum"),
+                                 self.trainer.accumulate_grad_batches, self.trainer.world_size)
         self._log_step_metrics()
         max_norm = self.cfg.optim.grad_clip if self.cfg.optim.grad_clip > 0 else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
@@ -225,23 +177,6 @@ class LMModule(L.LightningModule):
             norm = norm.full_tensor()
         self.log("train/grad_norm", norm, on_step=True, on_epoch=False)
         self.log("train/lr", optimizer.param_groups[0]["lr"], on_step=True, on_epoch=False)
-
-    def _token_weight_gradients(self, params: list[torch.nn.Parameter]) -> None:
-        """Make the step's gradient that of the mean loss over *all* its supervised tokens.
-
-        Each micro-batch's loss is ``ce_sum / tokens_ref``; Lightning divides it by the
-        accumulation count A and data parallelism averages over the W ranks, so the
-        gradient holds ``sum(grad ce_sum) / (tokens_ref * A * W)``. Multiplying by
-        ``tokens_ref * A * W / N`` (N: supervised tokens of the whole step, all ranks)
-        gives ``sum(grad ce_sum) / N``, the gradient of the token-weighted mean, however
-        the tokens fell into micro-batches (fairseq's and HF Trainer's convention). MoE
-        auxiliary losses are scaled by the same factor, ``tokens_ref * A * W / N``,
-        which is 1 on average."""
-        tokens = self._step_sums["tokens"].detach().float()
-        total = float(self.trainer.strategy.reduce(tokens, reduce_op="sum"))
-        scale = self._tokens_ref * self.trainer.accumulate_grad_batches * self.trainer.world_size / max(total, 1.0)
-        for p in params:
-            p.grad.mul_(scale)
 
     # ----------------------------------------------------------- checkpoint
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
