@@ -543,3 +543,23 @@ def test_held_out_documents_are_the_val_shards(tmp_path):
     got = np.concatenate([np.fromfile(shards.unit_paths(prep.dir, u)["val.bin"], dtype="<u2")
                           for u in range(prep.meta["units"])]).tolist()
     assert got == val and int(mask.sum()) == prep.meta["splits"]["val"]["documents"]
+
+
+def test_cli_prepare_takes_the_training_overrides(files_cfg, capsys):
+    """`mixtrain data prepare <overrides>` builds exactly what `mixtrain train <overrides>`
+    reads: the model's vocabulary, the recipe's seq_len, the same folder (training finds
+    it ready and builds nothing)."""
+    from mixtrain.cli import main
+    from mixtrain.config import compose
+
+    cfg, _ = files_cfg
+    over = ["data=files", f"data.paths=[{cfg.paths[0]}]", f"data.cache_dir={cfg.cache_dir}", "train.seq_len=16",
+            "data.val_fraction=0.2", "data.num_proc=1"]
+    assert main(["data", "prepare", *over]) == 0
+    out = capsys.readouterr().out
+    assert "seq_len 16" in out and "bytes/token" in out, out
+    full = compose(over)
+    dm = PretrainDataModule(full.data, seq_len=full.train.seq_len, micro_batch_size=2, vocab_size=full.model.vocab_size)
+    ready = dm._prepare(build=False)  # None if training would have to build anything
+    assert ready is not None and str(ready.dir) in out and f"vocab {ready.tokenizer.vocab_size})" in out
+    assert ready.tokenizer.path.name == get_tokenizer(full.data, 512).path.name  # trained for the model's 512
