@@ -162,7 +162,7 @@ def read_only(monkeypatch):
 @pytest.fixture(scope="module")
 def trained(shared_cache, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("trained")
-    run(shared_cache, root, "t", "train.max_tokens=512", "train.save_every_steps=2")
+    run(shared_cache, root, "t", "train.max_tokens=768", "train.save_every_steps=2")
     return root / "t"
 
 
@@ -253,3 +253,47 @@ def test_early_and_late_checks_of_qa_chunk_tokens_agree(shared_cache, tmp_path, 
     with pytest.raises(UserError) as late:
         longqa.build(cfg.data, load_tokenizer(cfg.data, cfg.model.vocab_size), seq_len, tmp_path / "late")
     assert str(early.value) == str(late.value)
+
+
+# ------------------------------------------------------------- truthful output
+def test_result_json_holds_the_final_train_loss_and_the_step_time_spread(trained):
+    import csv
+    import json
+
+    res = json.loads((trained / "result.json").read_text())
+    with open(trained / "csv" / "metrics.csv") as f:
+        logged = [float(r["train/loss"]) for r in csv.DictReader(f) if r.get("train/loss")]
+    assert res["train_loss"] is not None and res["train_loss"] == pytest.approx(logged[-1], rel=1e-6)
+    speed = res["throughput"]
+    assert speed["steps_timed"] == 2  # 3 steps, the first (warm-up) not timed
+    assert speed["step_time_min_s"] <= speed["step_time_median_s"] <= speed["step_time_max_s"]
+    assert speed["tokens_per_s_median"] == pytest.approx(256 / speed["step_time_median_s"])
+    assert speed["load_avg_1m_start"] is not None and speed["cpu_count"] >= 1
+
+
+def test_compare_marks_throughput_of_separate_runs_as_not_like_for_like(shared_cache, trained, tmp_path):
+    from mixtrain.report import compare
+
+    run(shared_cache, tmp_path, "other", "train.max_tokens=768", "layout=standard")
+    out = compare([trained, tmp_path / "other"], out=tmp_path / "cmp", plots=False)
+    table = out["table"]
+    assert "tokens/s*" in table and "not like-for-like" in table and "mixtrain bench train" in table
+    for name in ("t", "other"):
+        line = next(l for l in table.splitlines() if l.startswith(f"  {name}: step "))
+        assert "s median (" in line and "load average" in line
+    single = compare([trained], out=tmp_path / "one", plots=False)["table"]
+    assert "tokens/s*" not in single and "like-for-like" not in single
+
+
+def test_generate_from_a_checkpoint_finds_the_run_tokenizer_and_echoes_the_prompt(trained, capsys):
+    from mixtrain.cli import main
+    from mixtrain.train.checkpoint import latest_checkpoint
+
+    ckpt = latest_checkpoint(trained)
+    assert main(["generate", "--model", str(ckpt), "--prompt", "The river", "--max-new-tokens", "4"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("The river") and "[0]" not in out
+    assert main(["generate", "--model", str(ckpt), "--prompt", "A", "--prompt", "B", "--max-new-tokens", "2"]) == 0
+    out = capsys.readouterr().out
+    first, second = out.split("--- prompt 2 of 2 ---\n")
+    assert first.startswith("--- prompt 1 of 2 ---\nA") and second.startswith("B")

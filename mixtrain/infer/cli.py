@@ -107,8 +107,12 @@ def _find_tokenizer(args):
     if args.tokenizer:
         return load_tokenizer_file(args.tokenizer)
     if args.model:
+        from mixtrain.rundir import RunDir
+
         root = Path(args.model)
-        for cand in (root / "tokenizer.json", root / "export" / "tokenizer.json", root.parent / "tokenizer.json"):
+        # The model folder's own, its run directory's (a checkpoint under <run>/checkpoints/), an export's.
+        for cand in (root / "tokenizer.json", RunDir.of_path(root).tokenizer_file, root / "export" / "tokenizer.json",
+                     root.parent / "tokenizer.json"):
             if cand.is_file():
                 return load_tokenizer_file(cand)
     return None
@@ -137,11 +141,13 @@ def _generate(args: argparse.Namespace) -> int:
     except Exception as e:  # DataError etc.: a bad tokenizer path
         raise UserError(str(e)) from e
     prompts: list[list[int]] = [_ids(t) for t in (args.prompt_ids or [])]
+    prompt_texts: list = [None] * len(prompts)  # echoed before each continuation
     if args.prompt:
         if tok is None:
             raise UserError("--prompt needs a tokenizer: pass --tokenizer tokenizer.json (or use a model folder "
                             "holding tokenizer.json), or give token ids with --prompt-ids 1,2,3")
         prompts += [tok.encode(t) for t in args.prompt]
+        prompt_texts += list(args.prompt)
     if not prompts or any(not p for p in prompts):
         raise UserError("give at least one non-empty --prompt or --prompt-ids")
     if args.recipe is not None:
@@ -176,8 +182,15 @@ def _generate(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps({"outputs": rows, **info}))
     else:
-        for b, r in enumerate(rows):
-            print(f"[{b}] " + (r["text"] if "text" in r else " ".join(map(str, r["new_ids"]))))
+        for b, (r, text) in enumerate(zip(rows, prompt_texts)):
+            if len(rows) > 1:
+                print(f"--- prompt {b + 1} of {len(rows)} ---")
+            if "text" in r and text is not None:  # the prompt, then what the model wrote after it
+                print(text + r["text"])
+            elif "text" in r:
+                print(f"prompt ids: {','.join(map(str, r['prompt_ids']))}\n{r['text']}")
+            else:
+                print(f"prompt ids: {','.join(map(str, r['prompt_ids']))}\nnew ids:    {' '.join(map(str, r['new_ids']))}")
         print(f"# {n_new} new tokens in {dt:.2f}s on {device} ({info['dtype']}), layout {info['layout']}, "
               f"KV cache {human_bytes(kv_bytes)}", file=sys.stderr)
     return 0

@@ -4,7 +4,7 @@ the layout (diagram, KV bytes per token) at the start of a run."""
 from __future__ import annotations
 
 import time
-from typing import Optional
+from typing import Any, Optional
 
 import lightning as L
 import torch
@@ -36,6 +36,8 @@ class ThroughputMonitor(L.Callback):
         self._last_step = -1
         self.peak: Optional[float] = None
         self.last: dict[str, float] = {}
+        self.step_times: list[float] = []  # every timed step of this invocation
+        self.load_start: Optional[float] = None
 
     def _now(self, trainer: L.Trainer) -> float:
         if trainer.strategy.root_device.type == "cuda":
@@ -48,6 +50,8 @@ class ThroughputMonitor(L.Callback):
             per_device = accounting.peak_flops(torch.cuda.get_device_name(dev), self.dtype)
             self.peak = per_device * trainer.world_size if per_device else None
         self._durations.clear()
+        self.step_times = []
+        self.load_start = _load_average()
         self._skip_first = True
         self._t_start = None
         self._last_step = trainer.global_step
@@ -65,11 +69,41 @@ class ThroughputMonitor(L.Callback):
             self._skip_first = False
             return
         self._durations.append(duration)
+        self.step_times.append(duration)
         tps = self.tokens_per_step * len(self._durations) / sum(self._durations)
         self.last = {"perf/tokens_per_s": tps}
         if self.peak:
             self.last["perf/mfu"] = self.flops_per_token * tps / self.peak
         pl_module.log_dict(self.last, on_step=True, on_epoch=False, rank_zero_only=True)
+
+
+    def summary(self) -> dict[str, Any]:
+        """The spread of this invocation's step times and the machine's load, so a
+        throughput figure says how steady it was (result.json; ``mixtrain compare``)."""
+        import os
+        import statistics
+
+        t = self.step_times
+        return {
+            "steps_timed": len(t),
+            "step_time_median_s": statistics.median(t) if t else None,
+            "step_time_min_s": min(t) if t else None,
+            "step_time_max_s": max(t) if t else None,
+            "tokens_per_s_median": self.tokens_per_step / statistics.median(t) if t else None,
+            "load_avg_1m_start": self.load_start,
+            "load_avg_1m_end": _load_average(),
+            "cpu_count": os.cpu_count(),
+        }
+
+
+def _load_average() -> Optional[float]:
+    """The machine's 1-minute load average (None where the OS has none)."""
+    import os
+
+    try:
+        return round(os.getloadavg()[0], 2)
+    except (AttributeError, OSError):
+        return None
 
 
 class LayoutRecord(L.Callback):
@@ -88,6 +122,29 @@ class LayoutRecord(L.Callback):
 
                 experiment.summary.update(self.figures)
                 experiment.log({"layout/diagram": wandb.Html(f"<pre>{self.text}</pre>")}, commit=False)
+
+
+class StartReport(L.Callback):
+    """Says what this run trains and on what, once the model and data are set up: how
+    many parameters are trainable (attention only in stages 2 and 3) and, for long-QA
+    data, how many examples were built and how many answer tokens they supervise."""
+
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if not trainer.is_global_zero:
+            return
+        params = list(pl_module.parameters())
+        total = sum(p.numel() for p in params)
+        trainable = sum(p.numel() for p in params if p.requires_grad)
+        what = " (attention only)" if trainable < total and pl_module.cfg.train.trainable == "attention" else ""
+        print(f"trainable parameters: {trainable:,} of {total:,}{what}")
+        prepared = getattr(getattr(trainer, "datamodule", None), "prepared", None)
+        splits = (getattr(prepared, "meta", None) or {}).get("splits") or {}
+        if splits and any("answer_tokens" in s for s in splits.values()):
+            for split in ("train", "val"):
+                s = splits.get(split) or {}
+                if s:
+                    print(f"long-QA {split}: {s.get('examples', 0):,} examples built ({s.get('qa_pairs', 0):,} QA pairs), "
+                          f"{s.get('answer_tokens', 0):,} answer tokens supervised")
 
 
 class SaveTokenizer(L.Callback):

@@ -42,8 +42,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     if trainer.is_global_zero:
         run.write_config(OmegaConf.to_yaml(cfg))
         print_plan(cfg, plan, run, ckpt_path)
-    fit(cfg, plan, trainer, module, data, ckpt_path)
-    return record_result(cfg, plan, run, trainer)
+    train_metrics = fit(cfg, plan, trainer, module, data, ckpt_path)
+    return record_result(cfg, plan, run, trainer, train_metrics)
 
 
 # ----------------------------------------------------------------- pieces
@@ -86,8 +86,14 @@ def build_module(cfg: DictConfig, plan: Plan, ckpt_path: Optional[str]):
             for note in notes:
                 print(f"train.init_from: {note}")
         else:
+            from mixtrain.train.export import resolve_checkpoint
+
             module.init_state_dict, previous = read_checkpoint(cfg.train.init_from)
             check_init_from(cfg, plan.layout, previous)
+            if is_first_process():
+                n = sum(t.numel() for t in module.init_state_dict.values())
+                print(f"init_from: loaded {len(module.init_state_dict)} tensors ({n:,} parameters) from "
+                      f"{resolve_checkpoint(cfg.train.init_from)}")
     return module
 
 
@@ -122,6 +128,7 @@ def build_callbacks(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optiona
         GracefulStop,
         LayoutRecord,
         SaveTokenizer,
+        StartReport,
         StepProgressBar,
         StopAfterSteps,
         ThroughputMonitor,
@@ -137,6 +144,7 @@ def build_callbacks(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optiona
         ThroughputMonitor(int(cfg.train.global_batch_tokens), figures["train_flops_per_token"], dtype=dtype),
         LayoutRecord(diagram(plan.layout), figures),
         SaveTokenizer(run.path),
+        StartReport(),
         GracefulStop(),
     ]
     if cfg.train.stop_after_steps:
@@ -208,21 +216,28 @@ def print_plan(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optional[str
     )
 
 
-def fit(cfg: DictConfig, plan: Plan, trainer, module, data, ckpt_path: Optional[str]) -> None:
-    """Train to the step budget (or a stop), ending on a validation loss."""
+def scalar_metrics(trainer) -> dict[str, float]:
+    return {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+
+
+def fit(cfg: DictConfig, plan: Plan, trainer, module, data, ckpt_path: Optional[str]) -> dict[str, float]:
+    """Train to the step budget (or a stop), ending on a validation loss. Returns the
+    metrics of the last training step (a final validate() clears them from the trainer)."""
     try:
         trainer.fit(module, datamodule=data, ckpt_path=ckpt_path)
+        train_metrics = scalar_metrics(trainer)
         finished = trainer.global_step >= plan.total_steps
         if finished and trainer.global_step % cfg.train.val_every_steps:  # end on a validation loss
             trainer.validate(module, datamodule=data, verbose=False)
     finally:
         if cfg.logger.kind == "wandb" and trainer.is_global_zero:
             finish_wandb()
+    return train_metrics
 
 
-def record_result(cfg: DictConfig, plan: Plan, run: RunDir, trainer) -> dict[str, Any]:
+def record_result(cfg: DictConfig, plan: Plan, run: RunDir, trainer, train_metrics: dict[str, float]) -> dict[str, Any]:
     """The final metrics; rank 0 writes them to result.json and says where things are."""
-    metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if torch.is_tensor(v) and v.numel() == 1}
+    metrics = {**train_metrics, **scalar_metrics(trainer)}
     result = {
         "run_dir": str(run.path),
         "val_loss": metrics.get("val/loss"),
@@ -233,8 +248,11 @@ def record_result(cfg: DictConfig, plan: Plan, run: RunDir, trainer) -> dict[str
     if trainer.is_global_zero:
         from mixtrain.train.checkpoint import latest_checkpoint
 
+        from mixtrain.train.callbacks import ThroughputMonitor
+
         status = "completed" if trainer.global_step >= plan.total_steps else "stopped"
-        run.write_result({"status": status, "total_steps": plan.total_steps, **result})
+        speed = next((cb.summary() for cb in trainer.callbacks if isinstance(cb, ThroughputMonitor)), None)
+        run.write_result({"status": status, "total_steps": plan.total_steps, **result, "throughput": speed})
         print(f"done: {trainer.global_step} steps; val loss {result['val_loss']}")
         print(f"checkpoint: {latest_checkpoint(run.path)}")
         print(f"logs:       {run.path}" + (" (W&B offline run under wandb/; upload with `wandb sync`)" if cfg.logger.kind == "wandb" else ""))
