@@ -161,6 +161,9 @@ def _prepare_child(arg: str) -> None:
 
     a = json.loads(arg)
     cfg = DataConfig(**a["data"])
+    import psutil
+
+    rss_imports = psutil.Process().memory_info().rss  # the modules preparation imports, before any data
     before = resource.getrusage(resource.RUSAGE_SELF)
     t0 = time.perf_counter()
     p = prepare(cfg, a["seq_len"], None)
@@ -173,6 +176,7 @@ def _prepare_child(arg: str) -> None:
         "meta": p.meta,
         "disk_bytes_api": p.disk_bytes(),
         "maxrss_self_kb": me.ru_maxrss,
+        "rss_after_imports": rss_imports,
         "maxrss_children_kb": kids.ru_maxrss,
         "cpu_s": cpu(me) - cpu(before) + cpu(kids),  # preparing only (not the imports before it)
     }), flush=True)
@@ -269,6 +273,7 @@ def bench_size(n_tokens: int, args, tok_spec: str, tok, work: Path) -> dict:
         "peak_tree_pss": prep["peak_tree_pss"],
         "peak_process_rss": prep["peak_process_rss"],
         "peak_processes": prep["peak_processes"],
+        "rss_after_imports": prep["rss_after_imports"],
         "memory_samples": prep["memory_samples"],
         "prepared_bytes": prepared,
         "prepared_bytes_api": prep["disk_bytes_api"],
@@ -311,8 +316,8 @@ def _count(n: float) -> str:
     return f"{n / 1e6:.1f}M" if n >= 1e5 else f"{n / 1e3:.0f}K"
 
 
-def format_table(rows: list[dict]) -> str:
-    base = rows[0]["peak_tree_rss"] if rows else 1
+def format_table(rows: list[dict], base: Optional[float] = None) -> str:
+    base = base or (rows[0]["peak_tree_rss"] if rows else 1)
     head = ("| tokens | wall | tokens/s per process (procs) | tokens per CPU-s | peak RSS tree (x smallest) | peak PSS tree | "
             "largest process | disk | bytes/token | left in cache | read tokens/s (workers) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
@@ -337,7 +342,7 @@ def run(args) -> dict:
     for n in args.tokens:
         print(f"bench data: {_count(n)} tokens ...", file=sys.stderr, flush=True)
         rows.append(bench_size(n, args, tok_spec, tok, out / f"work-{n}"))
-        print(format_table(rows[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+        print(format_table(rows).splitlines()[-1], file=sys.stderr, flush=True)
     result = {
         "machine": machine(),
         "settings": {"tokens": args.tokens, "num_proc": args.num_proc, "shard_mb": args.shard_mb,
