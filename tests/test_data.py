@@ -563,3 +563,36 @@ def test_cli_prepare_takes_the_training_overrides(files_cfg, capsys):
     ready = dm._prepare(build=False)  # None if training would have to build anything
     assert ready is not None and str(ready.dir) in out and f"vocab {ready.tokenizer.vocab_size})" in out
     assert ready.tokenizer.path.name == get_tokenizer(full.data, 512).path.name  # trained for the model's 512
+
+
+def test_every_input_format_is_streamed_into_the_shards(tmp_path, monkeypatch):
+    """.txt, .jsonl.zst, .jsonl.gz, .parquet (several row groups) and a non-streamed hub
+    data set: the shards hold each document's tokens + EOS, in the order of data.paths."""
+    import gzip
+
+    import datasets
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    import zstandard
+
+    docs = make_docs(14, words=30)
+    (tmp_path / "a.txt").write_text(docs[0])
+    lines = lambda ds: "".join(json.dumps({"body": d}) + "\n" for d in ds).encode()  # noqa: E731
+    (tmp_path / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(lines(docs[1:4])))
+    (tmp_path / "c.jsonl.gz").write_bytes(gzip.compress(lines(docs[4:7])))
+    pq.write_table(pa.table({"body": docs[7:]}), tmp_path / "d.parquet", row_group_size=2)
+    paths = [str(tmp_path / n) for n in ("a.txt", "b.jsonl.zst", "c.jsonl.gz", "d.parquet")]
+    tok = train_bpe(docs, 300)
+    tok_file = str(tok.save(tmp_path / "tok.json"))
+    cfg = DataConfig(source="files", paths=paths, text_field="body", cache_dir=str(tmp_path / "cache"),
+                     tokenizer=tok_file, val_fraction=0.0, num_proc=1, shard_mb=0.0001)
+    prep = prepare(cfg, 8, 512)
+    assert prep.meta["units"] >= 6  # the parquet file is cut by row groups
+    want = [t for d in docs for t in tok.encode(d) + [tok.eos_id]]
+    got = np.concatenate([np.fromfile(shards.unit_paths(prep.dir, u)["train.bin"], dtype="<u2")
+                          for u in range(prep.meta["units"])]).tolist()
+    assert got == want
+    monkeypatch.setattr(corpus, "_load_hub", lambda c: datasets.Dataset.from_dict({"text": docs}))
+    hub = prepare(DataConfig(source="hub", hub_name="org/set", cache_dir=str(tmp_path / "cache"), tokenizer=tok_file,
+                             val_fraction=0.0, num_proc=1), 8, 512)
+    assert np.fromfile(shards.unit_paths(hub.dir, 0)["train.bin"], dtype="<u2").tolist() == want

@@ -439,7 +439,7 @@ def _iter_hub(c, unit: Unit) -> Iterator[str]:
             ds = ds.shard(num_shards=unit.count, index=unit.start)
         rows: Iterator = (r["text"] for r in ds)
     else:
-        rows = (ds[i]["text"] for i in range(unit.start, unit.end))
+        rows = (t for b in ds.select(range(unit.start, unit.end)).iter(batch_size=1024) for t in b["text"])
     for n, value in enumerate(rows):
         if _not_text(value):
             raise _text_type_error(f"{where} row {n}", c.text_field, value)
