@@ -80,10 +80,10 @@ def test_labels_are_the_value_after_the_queried_key(placement):
 def test_validation_and_eval_streams_never_repeat_training_sequences():
     dm = RecallDataModule(data_cfg(recall_val_sequences=64), seq_len=64, micro_batch_size=8, vocab_size=64)
     dm.setup("fit")
-    train = {tuple(dm.train_set[i]["input_ids"].tolist()) for i in range(1000)}
+    train = {tuple(dm.train_set[i]["input_ids"].tolist()) for i in range(500)}
     val = {tuple(dm.val_set[i]["input_ids"].tolist()) for i in range(64)}
     ev = {tuple(SPEC.example(2, i)["input_ids"].tolist()) for i in range(64)}
-    assert len(train) == 1000 and len(val) == 64
+    assert len(train) == 500 and len(val) == 64
     assert not train & val and not train & ev and not val & ev
 
 
@@ -184,9 +184,16 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     assert res["by_length"] == saved["by_length"] and saved["settings"]["eval_stream"] == 2
     assert "beyond (d>W)" in capsys.readouterr().out
     # compare: a column pair and a bar chart per layout.
-    from mixtrain.eval.recall import plot_recall, run_recall
+    from mixtrain.report.recall import plot_recall, run_recall
 
     rec = run_recall(tmp_path / "r")
     assert rec["recall_source"] == "eval" and rec["recall_beyond"] == saved["by_length"]["32"]["recall_beyond"]
     assert rec["recall_chance"] == 0.25
     assert plot_recall([{"run": "r", "layout": "standard", **rec}], tmp_path / "recall.png").stat().st_size > 1000
+    from mixtrain.report import compare
+
+    res = compare([tmp_path / "r"], out=tmp_path / "cmp")
+    header, _, row = res["table"].splitlines()[:3]
+    assert "recall d<=W" in header and "recall d>W" in header
+    assert f"{saved['by_length']['32']['recall_beyond']:.4f}" in row
+    assert res["files"]["recall"].is_file()

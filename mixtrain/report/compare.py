@@ -9,6 +9,7 @@ from typing import Any, Iterable, Optional
 
 from mixtrain import accounting as acc
 from mixtrain.report.format import DEFAULT_KV_CONTEXT, _table, human_bytes, human_count, save_figure
+from mixtrain.report.recall import RECALL_COLUMNS, plot_recall, run_recall
 from mixtrain.rundir import RunDir
 from mixtrain.report.logs import (
     _float,
@@ -114,6 +115,7 @@ def run_record(run_dir: "Path") -> dict[str, Any]:
     rec["eval"] = read_eval_scores(run_dir)
     rec["eval_skipped"] = read_eval_skipped(run_dir)
     rec["harness"] = read_harness_scores(run_dir)  # lm-evaluation-harness: task/metric -> value
+    rec.update(run_recall(run_dir, result))  # data=recall runs: recall_within / recall_beyond
     rec["curves"] = {k: curves[k] for k in ("train/loss", "val/loss") if k in curves}
     return rec
 
@@ -132,11 +134,12 @@ def compare_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
     tasks = sorted({t for r in records for t in r.get("eval", {}) if t != "average"})
     has_avg = any("average" in r.get("eval", {}) for r in records)
     harness = sorted({t for r in records for t in r.get("harness", {})})
-    keys = ([k for k, _ in COMPARE_COLUMNS] + [f"eval/{t}" for t in tasks] + (["eval/average"] if has_avg else [])
-            + [f"harness/{t}" for t in harness])
+    recall = [k for k, _ in RECALL_COLUMNS] if any(r.get("recall_beyond") is not None for r in records) else []
+    keys = ([k for k, _ in COMPARE_COLUMNS] + recall + [f"eval/{t}" for t in tasks]
+            + (["eval/average"] if has_avg else []) + [f"harness/{t}" for t in harness])
     rows = []
     for r in records:
-        row = {k: r.get(k) for k, _ in COMPARE_COLUMNS}
+        row = {k: r.get(k) for k, _ in COMPARE_COLUMNS + RECALL_COLUMNS if k in keys}
         for t in tasks + (["average"] if has_avg else []):
             row[f"eval/{t}"] = r.get("eval", {}).get(t)
         for t in harness:
@@ -147,7 +150,7 @@ def compare_rows(records: list[dict[str, Any]]) -> tuple[list[str], list[dict[st
 
 def format_compare(records: list[dict[str, Any]]) -> str:
     keys, rows = compare_rows(records)
-    headers = dict(COMPARE_COLUMNS)
+    headers = dict(COMPARE_COLUMNS + RECALL_COLUMNS)
 
     def cell(k: str, v: Any) -> str:
         if v is None:
@@ -269,6 +272,8 @@ def compare(paths: Iterable[Any], out: Any = None, x: str = "tokens", plots: boo
         files["quality_vs_kv"] = out / "quality_vs_kv.png"
         plot_loss_curves(records, files["loss_curves"], x=x)
         plot_quality_vs_kv(records, files["quality_vs_kv"])
+        if any(r.get("recall_beyond") is not None for r in records):  # one bar pair per layout
+            files["recall"] = plot_recall(records, out / "recall.png")
     return {"records": records, "table": format_compare(records), "files": files}
 
 
