@@ -130,7 +130,7 @@ def hf_generate(hf, prompts: list[list[int]], new: int, pad_id: int = 1, **kw):
     eos = hf.generation_config.eos_token_id
     rows = []
     for row in out.sequences[:, P:].tolist():
-        rows.append(row[: row.index(eos) + 1] if eos in row else row)
+        rows.append(row[: row.index(eos) + 1] if eos is not None and eos in row else row)
     return rows, out
 
 
@@ -160,11 +160,12 @@ def test_hf_logits_and_generate_equal_mixtrain(case, tmp_path, tokenizer_file):
         ref, got = model(ids).logits, hf(ids).logits
     assert (ref - got).abs().max().item() <= 1e-5
 
+    # No stop token here, so every row runs 32+ tokens past the window (the CLI test stops at EOS).
     prompts = ragged_prompts(cfg.model.vocab_size)
-    engine = Engine(model).generate(prompts, NEW, stop_tokens=[0])
+    engine = Engine(model).generate(prompts, NEW)
+    hf.generation_config.eos_token_id = None
     rows, _ = hf_generate(hf, prompts, NEW)
-    assert rows == engine
-    assert max(len(r) for r in engine) == NEW  # at least one row runs 32+ tokens past the window
+    assert rows == engine and [len(r) for r in rows] == [NEW, NEW]
 
 
 def test_remote_code_loads_without_mixtrain(tmp_path, tokenizer_file):
@@ -211,7 +212,8 @@ def test_generate_cache_is_as_small_as_accounting(case, tmp_path, tokenizer_file
     assert target.remote_code
     hf = load_hf(out, dtype=torch.float32)
     prompts = [list(range(2, 14)), list(range(20, 32))]  # equal lengths: every row has T columns
-    _, res = hf_generate(hf, prompts, NEW, eos_token_id=None)
+    hf.generation_config.eos_token_id = None  # exactly NEW tokens
+    _, res = hf_generate(hf, prompts, NEW)
     cache = res.past_key_values
     T = res.sequences.shape[1] - 1  # the last new token is never fed back
     assert T == 12 + NEW - 1 and cache.get_seq_length() == T

@@ -453,7 +453,7 @@ class MixtrainModel(MixtrainPreTrainedModel):
             if attn.role != "consumer":
                 v = attn.heads(attn.v_proj(x_kv), attn.n_kv_heads)
             if attn.role == "consumer":
-                K, V = reads[attn.kv_source]
+                K, V = (x.to(q.device) for x in reads[attn.kv_source])  # device_map may split layers
             else:
                 K, V = cache.update_layer(i, k, v) if cache is not None else (k, v)
                 reads[i] = (K, V)
@@ -468,9 +468,11 @@ class MixtrainModel(MixtrainPreTrainedModel):
                 else:
                     masks[key] = key_mask(q_cols, torch.arange(L1 - S, L1, device=device), attn.window, padding)
             mask = masks[key]
+            if isinstance(mask, torch.Tensor) and mask.device != V.device:
+                mask = mask.to(V.device)
             rep = attn.n_heads // attn.n_kv_heads
             if attn.role == "shared":
-                probs = probs_store[attn.attn_source]
+                probs = probs_store[attn.attn_source].to(V.device)
                 y = probs @ repeat_kv(V, rep).to(probs.dtype)
             elif i in self.prob_sources:
                 if mask is None or isinstance(mask, str):
