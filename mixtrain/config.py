@@ -182,7 +182,7 @@ class DataConfig:
     # Use at most this many documents (null: all). Required with hub streaming, since
     # the packed cache is built from a finite prefix of the stream.
     max_documents: Optional[int] = None
-    # ---- data.kind=longqa (the paper's stage 3; mixtrain/data/longqa.py). Documents are
+    # ---- data.kind=longqa (the paper's stage 3; mixtrain/data/longqa/). Documents are
     # cut into ~qa_chunk_tokens-token chunks, one QA pair per chunk, chunks of different
     # documents concatenated up to seq_len, all QA pairs appended, loss on answers only.
     # Where the pairs come from: "offline" (generated from each chunk's own text, no

@@ -332,9 +332,9 @@ def test_qa_records_whose_fields_are_not_strings_are_named(tmp_path, corpus):
         f"{where}: data.qa_answer_field='answer' holds a value of type dict ({{'start': 3}}); {answer_tail}")
     assert err({**ok, "answer": {"text": [{"a": 1}]}}) == (
         f"{where}: data.qa_answer_field='answer' holds a value of type dict ({{'text': [{{'a': 1}}]}}); {answer_tail}")
-    from mixtrain.data.longqa import _answer_text
+    from mixtrain.data.longqa import answer_text
 
-    assert [_answer_text(v) for v in (1998, [2.5], {"text": [7]}, True)] == ["1998", "2.5", "7", None]
+    assert [answer_text(v) for v in (1998, [2.5], {"text": [7]}, True)] == ["1998", "2.5", "7", None]
     assert err(["The lamp is green.", "What colour?", "green"]) == (
         f"{where}: a QA record must be a JSON object with the fields ['context', 'question', 'answer'], not a list "
         f"(['The lamp is green.', 'What colour?', 'green']); fix the record")

@@ -127,7 +127,7 @@ def check_config(cfg: DictConfig) -> None:
     check_devices(cfg.trainer)
 
 
-# The long-QA data builder's rules (mixtrain/data/longqa.py), the same here as there.
+# The long-QA data builder's rules (mixtrain/data/longqa/), the same here as there.
 QA_MIN_CHUNK_TOKENS = 16
 QA_QUESTION_ROOM = 64
 
