@@ -17,6 +17,8 @@
                                      MoE layer fwd+bwd against the expert matmuls alone
     mixtrain bench  data [--tokens 10M,40M] [--num-proc K]
                                      data preparation: wall, tokens/s, peak RSS, disk; read tokens/s
+    mixtrain bench  gpu --out DIR [--dry-run]
+                                     every GPU figure not measured yet, self-check first (<= 9 min)
     mixtrain eval   ...              RULER-style long-context tasks, perplexity
     mixtrain compare RUNS...         tables and plots across runs or a sweep
 
@@ -269,6 +271,9 @@ def _register_bench(sub) -> None:
     from mixtrain.data import bench as data_bench
 
     data_bench.register(parser.bench_subparsers)
+    from mixtrain import gpucheck
+
+    gpucheck.register(parser.bench_subparsers)
 
 
 def _registered_main(command: str, argv: list[str]) -> int:
