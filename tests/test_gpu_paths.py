@@ -137,6 +137,48 @@ def test_compile_trains_like_eager():
         torch.testing.assert_close(compiled[1][name], w, rtol=1e-4, atol=1e-5, msg=name)
 
 
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_bf16_picks_grouped_experts_and_compiled_flex_trains_like_eager_sdpa(monkeypatch):
+    """On a GPU: under bf16 autocast the MoE takes torch._grouped_mm by itself, and
+    trainer.compile=true with FlexAttention (attn_impl auto) trains tiny_moe like eager
+    SDPA with the per-expert loop, within bf16 error."""
+    import mixtrain.model.moe as moe
+    from mixtrain.train.module import LMModule, lm_loss
+
+    seen = []
+    real = moe.swiglu_experts_grouped
+    monkeypatch.setattr(moe, "swiglu_experts_grouped", lambda x, *a: seen.append(x.dtype) or real(x, *a))
+
+    def train(*overrides, expert_impl=None):
+        cfg, layout = _recipe("model=tiny_moe", "layout=ma_offset", *overrides)
+        module = LMModule(cfg, layout, total_steps=10)
+        module.configure_model()
+        model = module.model.cuda()
+        model.reset_rope()
+        for m in model.modules():
+            if isinstance(m, moe.MoE):
+                m.expert_impl = expert_impl
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        x = torch.randint(0, 512, (2, 257), generator=torch.Generator().manual_seed(0)).cuda()
+        losses = []
+        for _ in range(2):
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(x[:, :-1])
+            loss, _ = lm_loss(out, x[:, 1:], cfg.model.moe)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(loss.item())
+        return losses
+
+    eager = train("model.attn_impl=sdpa", expert_impl="loop")
+    assert seen == []
+    compiled = train("trainer.compile=true")
+    assert seen and set(seen) == {torch.bfloat16}
+    assert compiled == pytest.approx(eager, rel=2e-2)
+
+
 # ------------------------------------------------------------------ FSDP2 bf16 on gloo
 
 
