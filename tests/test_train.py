@@ -308,11 +308,13 @@ def test_validation_loss_is_weighted_by_supervised_tokens():
     assert logged["val/loss"] == pytest.approx(float(expected), rel=1e-5)
 
 
-def test_progress_bar_counts_optimizer_steps(shared_cache, tmp_path, capsys):
+def test_progress_bar_counts_optimizer_steps(shared_cache, tmp_path, capsys, monkeypatch):
     """With 2 micro-batches per step the bar still runs 0..6 of 6 steps (Lightning's own
     counts micro-batches against a total of steps: 12 of 6), and a resumed run's bar
     starts at the step it resumes from."""
     import re
+
+    monkeypatch.setattr("mixtrain.train.console.interactive", lambda: True)  # the bar of a terminal
 
     run(shared_cache, tmp_path, "bar", "trainer.progress_bar=true", "train.stop_after_steps=3")
     run(shared_cache, tmp_path, "bar", "trainer.progress_bar=true", "run.resume=auto")

@@ -297,3 +297,23 @@ def test_generate_from_a_checkpoint_finds_the_run_tokenizer_and_echoes_the_promp
     out = capsys.readouterr().out
     first, second = out.split("--- prompt 2 of 2 ---\n")
     assert first.startswith("--- prompt 1 of 2 ---\nA") and second.startswith("B")
+
+
+# ---------------------------------------------------------------- quiet output
+def test_a_log_file_gets_plain_progress_lines_and_no_library_noise(shared_cache, tmp_path, capfd):
+    """stdout is not a terminal here (as in a log file): no bars, no escape codes, no
+    carriage returns, no litlogger tip or LeafSpec warning; plain step lines instead."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        run(shared_cache, tmp_path, "q", "trainer.progress_bar=true", "train.max_tokens=1024")
+    out = capfd.readouterr()
+    text = out.out + out.err
+    assert "\r" not in text and "\x1b" not in text and "litlogger" not in text and "LeafSpec" not in text
+    assert "it/s]" not in text and "Epoch 0" not in text
+    lines = [l for l in out.out.splitlines() if l.startswith("step ")]
+    assert [l.split("  ")[0] for l in lines] == [f"step {s}/4 ({25 * s}%)" for s in (1, 2, 3, 4)]
+    assert all("loss " in l for l in lines)
+    assert not [w for w in caught if "LeafSpec" in str(w.message) or "weights_only" in str(w.message)]
+    assert "trainable parameters: " in out.out

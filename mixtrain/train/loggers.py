@@ -37,6 +37,8 @@ def make_logger(cfg: DictConfig, run: RunDir, resolved: dict[str, Any], resume_s
     if kind == "wandb":
         from lightning.pytorch.loggers import WandbLogger
 
+        from mixtrain.train.console import wandb_settings
+
         mode = cfg.logger.mode
         if mode == "auto":
             mode = wandb_mode()
@@ -57,6 +59,7 @@ def make_logger(cfg: DictConfig, run: RunDir, resolved: dict[str, Any], resume_s
             mode=mode,
             config=resolved,
             resume="allow",
+            settings=wandb_settings(sweep),
         )
     raise UserError(f"logger.kind={kind!r} is not known; use wandb, csv or none")
 

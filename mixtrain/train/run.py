@@ -8,7 +8,6 @@ run directory (:class:`mixtrain.rundir.RunDir`), build the module, data, logger
 
 from __future__ import annotations
 
-import sys
 from typing import Any, Optional
 
 import torch
@@ -26,6 +25,7 @@ from mixtrain.train.checks import (  # noqa: F401 - re-exported: callers check r
     check_resume,
     plan_steps,
 )
+from mixtrain.train.console import progress_callbacks
 from mixtrain.train.loggers import finish_wandb, is_first_process, make_logger
 
 
@@ -129,7 +129,6 @@ def build_callbacks(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optiona
         LayoutRecord,
         SaveTokenizer,
         StartReport,
-        StepProgressBar,
         StopAfterSteps,
         ThroughputMonitor,
     )
@@ -153,9 +152,8 @@ def build_callbacks(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optiona
         from mixtrain.data.recall import RecallValidation
 
         callbacks.append(RecallValidation(cfg.data.recall_window))
-    if cfg.trainer.progress_bar:
-        # Redrawing on every batch floods a log file; a terminal gets a live bar.
-        callbacks.append(StepProgressBar(refresh_rate=1 if sys.stdout.isatty() else 25))
+    # A live bar on a terminal; plain lines in a log file (no escape codes, no redraws).
+    callbacks += progress_callbacks(bool(cfg.trainer.progress_bar), plan.total_steps)[0]
     return callbacks
 
 
@@ -179,7 +177,9 @@ def build_trainer(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optional[
     import lightning as L
 
     from mixtrain.train.checkpoint import checkpoint_step
+    from mixtrain.train.console import quiet_libraries
 
+    quiet_libraries()
     resume_step = checkpoint_step(ckpt_path) if ckpt_path else None
     resolved = OmegaConf.to_container(cfg, resolve=True, enum_to_str=True)
     return L.Trainer(
@@ -195,7 +195,7 @@ def build_trainer(cfg: DictConfig, plan: Plan, run: RunDir, ckpt_path: Optional[
         limit_val_batches=cfg.train.val_batches,
         num_sanity_val_steps=0,
         enable_checkpointing=False,
-        enable_progress_bar=bool(cfg.trainer.progress_bar),
+        enable_progress_bar=progress_callbacks(bool(cfg.trainer.progress_bar), plan.total_steps)[1],
         use_distributed_sampler=False,
         logger=make_logger(cfg, run, resolved, resume_step),
         callbacks=build_callbacks(cfg, plan, run, ckpt_path),
