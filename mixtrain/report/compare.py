@@ -112,6 +112,10 @@ def run_record(run_dir: "Path") -> dict[str, Any]:
     rec["tokens_per_s"] = _median([v for _, v in curves.get("perf/tokens_per_s", [])])
     rec["mfu"] = _median([v for _, v in curves.get("perf/mfu", [])])
     rec["tokens_per_step"] = int(cfg.train.global_batch_tokens)
+    speed = result.get("throughput") if isinstance(result.get("throughput"), dict) else {}
+    for key in ("step_time_median_s", "step_time_min_s", "step_time_max_s", "load_avg_1m_start",
+                "load_avg_1m_end", "cpu_count"):
+        rec[key] = speed.get(key)
     rec["eval"] = read_eval_scores(run_dir)
     rec["eval_skipped"] = read_eval_skipped(run_dir)
     rec["harness"] = read_harness_scores(run_dir)  # lm-evaluation-harness: task/metric -> value
@@ -167,7 +171,15 @@ def format_compare(records: list[dict[str, Any]]) -> str:
             return f"{v:.4f}"
         return str(v)
 
+    timed = [r for r in records if r.get("tokens_per_s") is not None]
+    if len(timed) > 1:  # separate runs: the figures are not like-for-like
+        headers = {**headers, "tokens_per_s": "tokens/s*", "mfu": "MFU*"}
     lines = _table([headers.get(k, k) for k in keys], [[cell(k, row[k]) for k in keys] for row in rows])
+    if len(timed) > 1:
+        lines += ["", "* throughput of separate runs, not like-for-like: each was measured under its own machine "
+                      "load (below); for speed ratios between layouts use `mixtrain bench train` (one process, "
+                      "same conditions)."]
+        lines += [f"  {r['run']}: {throughput_spread(r)}" for r in timed]
     notes = [f"  {r['run']}: {r['error']}" for r in records if r.get("error")]
     skips = [f"  {r['run']}: {', '.join(r['eval_skipped'])}" for r in records if r.get("eval_skipped")]
     return "\n".join(
@@ -176,6 +188,17 @@ def format_compare(records: list[dict[str, Any]]) -> str:
         + (["", "eval cells skipped (prompt longer than the length; its eval average is over the cells that ran):",
             *skips] if skips else [])
     ) + "\n"
+
+
+def throughput_spread(r: dict[str, Any]) -> str:
+    """``step 0.21 s median (0.19-0.35), load 3.1 -> 4.0 on 2 CPUs`` (what is known)."""
+    parts = []
+    if r.get("step_time_median_s") is not None:
+        parts.append(f"step {r['step_time_median_s']:.3g} s median ({r['step_time_min_s']:.3g}-{r['step_time_max_s']:.3g})")
+    if r.get("load_avg_1m_start") is not None:
+        parts.append(f"load average {r['load_avg_1m_start']:g} -> {r['load_avg_1m_end']:g}"
+                     + (f" on {r['cpu_count']} CPUs" if r.get("cpu_count") else ""))
+    return ", ".join(parts) or "no step-time record (an older run)"
 
 
 def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens") -> None:
