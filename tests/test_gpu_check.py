@@ -138,3 +138,19 @@ def test_smoke_run_end_to_end_on_cpu(tmp_path, capsys):
     assert figures["ma_offset KV bytes/token at 96 (allocated / accounting)"]["value"] == "426.7 / 426.7"
     table = (tmp_path / "gpu_check.md").read_text()
     assert "| infer_32k | ok |" in table and "MoE layer speed / grouped matmuls alone" in table
+
+
+def test_the_readme_lists_what_the_check_measures():
+    """The README's "not measured yet" list and the check's steps stay in sync: every
+    target the check compares against is named there, and so is every step's model."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("Not measured yet"):]
+    section = section[:section.index("\n## ")]
+    for target in ("45%", "35%", "3x"):
+        assert f"target {target}" in section, target
+    for needle in ("launch/gpu_check.sh", "pytest -m gpu", "bench moe", "model=dense_125m", "model=cla_1b",
+                   "model=paper_moe model.n_layers=12", "--context 32768", "gpu_check.json", "gpu_check.md"):
+        assert needle in section, needle
+    steps = {s.name: " ".join(s.argv) for s in gpucheck.plan(Path("out"))}
+    assert "model=cla_1b" in steps["dense_1b"] and "model=dense_125m" in steps["ratio_32k"]
+    assert "model=paper_moe model.n_layers=12" in steps["moe_mfu"] and "--context 32768" in steps["infer_32k"]
