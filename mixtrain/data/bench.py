@@ -18,7 +18,9 @@ For each size N in ``--tokens`` (e.g. ``10M,40M``), in one run:
    (sampled every 50 ms with psutil; counts pages shared between processes once per
    process, so it is an upper bound), the peak sum of PSS (shared pages divided among
    their sharers, the honest total), and the largest single process's peak RSS
-   (``getrusage`` of the child and of its reaped workers: exact, not sampled);
+   (Linux ``VmHWM`` of the child and of each worker: a high-water mark, exact; not
+   ``getrusage``, whose ``ru_maxrss`` of a child includes the memory of the process it
+   was forked from);
 4. bytes on disk: every file of the prepared dataset (measured by walking the folder),
    bytes per token, and whatever else the build left in its cache and in the HF
    datasets cache (temporary files: should be 0);
@@ -75,8 +77,24 @@ def dir_bytes(path: Path) -> int:
 # --------------------------------------------------------------------------- memory sampling
 
 
+def vm_hwm(pid: int | str = "self") -> Optional[int]:
+    """Peak resident bytes of a process since it started its program (Linux ``VmHWM``):
+    exact, and unlike ``getrusage``'s ``ru_maxrss`` it does not carry over the memory of
+    the parent it was forked from (Linux keeps the larger of the two across ``exec``)."""
+    try:
+        with open(f"/proc/{pid}/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
 class TreeMemorySampler(threading.Thread):
-    """Peak sum of RSS and of PSS over a process and all its descendants, sampled."""
+    """Peak sum of RSS and of PSS over a process and all its descendants (sampled), and
+    each process's own peak (``VmHWM``, read at every sample: a high-water mark, so short
+    spikes between samples are not missed)."""
 
     def __init__(self, pid: int, interval: float = 0.05):
         super().__init__(daemon=True)
@@ -87,6 +105,7 @@ class TreeMemorySampler(threading.Thread):
         self.peak_rss = self.peak_pss = 0
         self.peak_procs = 0
         self.samples = 0
+        self.hwm: dict[int, int] = {}
         self._halt = threading.Event()
 
     def run(self):
@@ -104,7 +123,10 @@ class TreeMemorySampler(threading.Thread):
                     rss += info.rss
                     pss += getattr(info, "pss", info.rss)
                 except psutil.Error:
-                    pass
+                    continue
+                hwm = vm_hwm(p.pid)
+                if hwm is not None:
+                    self.hwm[p.pid] = max(self.hwm.get(p.pid, 0), hwm)
             self.peak_rss, self.peak_pss = max(self.peak_rss, rss), max(self.peak_pss, pss)
             self.peak_procs = max(self.peak_procs, len(procs))
             self.samples += 1
@@ -164,7 +186,7 @@ def _prepare_child(arg: str) -> None:
     import psutil
 
     rss_imports = psutil.Process().memory_info().rss  # the modules preparation imports, before any data
-    before = resource.getrusage(resource.RUSAGE_SELF)
+    before = resource.getrusage(resource.RUSAGE_SELF)  # CPU time only: ru_maxrss would include the bench's own memory
     t0 = time.perf_counter()
     p = prepare(cfg, a["seq_len"], None)
     wall = time.perf_counter() - t0
@@ -175,9 +197,8 @@ def _prepare_child(arg: str) -> None:
         "dir": str(p.dir),
         "meta": p.meta,
         "disk_bytes_api": p.disk_bytes(),
-        "maxrss_self_kb": me.ru_maxrss,
+        "vm_hwm": vm_hwm(),
         "rss_after_imports": rss_imports,
-        "maxrss_children_kb": kids.ru_maxrss,
         "cpu_s": cpu(me) - cpu(before) + cpu(kids),  # preparing only (not the imports before it)
     }), flush=True)
 
@@ -203,7 +224,9 @@ def run_prepare(cfg, seq_len: int, env_extra: dict[str, str]) -> dict:
     r = json.loads(line[len("@@RESULT "):])
     r.update(process_wall_s=wall, peak_tree_rss=sampler.peak_rss, peak_tree_pss=sampler.peak_pss,
              peak_processes=sampler.peak_procs, memory_samples=sampler.samples,
-             peak_process_rss=1024 * max(r["maxrss_self_kb"], r["maxrss_children_kb"]))
+             peak_rss_preparing_process=max(r["vm_hwm"] or 0, sampler.hwm.get(proc.pid, 0)),
+             peak_rss_largest_worker=max([v for k, v in sampler.hwm.items() if k != proc.pid], default=0))
+    r["peak_process_rss"] = max(r["peak_rss_preparing_process"], r["peak_rss_largest_worker"])
     return r
 
 
@@ -272,6 +295,8 @@ def bench_size(n_tokens: int, args, tok_spec: str, tok, work: Path) -> dict:
         "peak_tree_rss": prep["peak_tree_rss"],
         "peak_tree_pss": prep["peak_tree_pss"],
         "peak_process_rss": prep["peak_process_rss"],
+        "peak_rss_preparing_process": prep["peak_rss_preparing_process"],
+        "peak_rss_largest_worker": prep["peak_rss_largest_worker"],
         "peak_processes": prep["peak_processes"],
         "rss_after_imports": prep["rss_after_imports"],
         "memory_samples": prep["memory_samples"],
