@@ -320,7 +320,7 @@ def run_harness(lm, tasks: list[str], tm, limit: Optional[float] = None, num_few
 
     return lm_eval.simple_evaluate(model=lm, tasks=tasks, task_manager=tm, limit=limit, num_fewshot=num_fewshot,
                                    log_samples=True, random_seed=seed, numpy_random_seed=seed,
-                                   torch_random_seed=seed, fewshot_random_seed=seed, bootstrap_iters=0,
+                                   torch_random_seed=seed, fewshot_random_seed=seed,
                                    verbosity="WARNING")
 
 
