@@ -44,7 +44,8 @@ CUSTOM = ["G", "s4", "s4<1", "s", "s^3", "G<0", "s<3"]  # two windows, KV sharin
 
 # Stock classes: what each layout must become (everything else is remote code).
 STOCK = {"standard": "LlamaForCausalLM", "swa": "MistralForCausalLM", "interleaved": "MinistralForCausalLM",
-         "moe_renorm": "MixtralForCausalLM", "moe": "Qwen2MoeForCausalLM", "moe_interleaved": "Qwen2MoeForCausalLM"}
+         "moe_renorm": "MixtralForCausalLM", "moe_renorm_swa": "MixtralForCausalLM", "moe": "Qwen2MoeForCausalLM",
+         "moe_interleaved": "Qwen2MoeForCausalLM"}
 # Run on every `pytest -q`; the other presets are marked slow (CI runs them too).
 FAST = {"standard", "swa", "interleaved", "ma_offset", "cla2", "custom", "moe", "moe_ma_offset"}
 
@@ -88,9 +89,10 @@ def case_config(case: str):
         cfg.model.kv_norm = True  # Cross-Layer Attention with its KV-path norm
     if moe:
         cfg.model.moe.expert_hidden = 16
-        cfg.model.moe.renormalize = case == "moe_renorm"
-        cfg.layout = {"preset": {"moe": "standard", "moe_renorm": "standard", "moe_ma_offset": "ma_offset",
-                                 "moe_interleaved": "interleaved"}[case], "every": 3 if case == "moe_interleaved" else None}
+        cfg.model.moe.renormalize = case.startswith("moe_renorm")
+        cfg.layout = {"preset": {"moe": "standard", "moe_renorm": "standard", "moe_renorm_swa": "swa",
+                                 "moe_ma_offset": "ma_offset", "moe_interleaved": "interleaved"}[case],
+                      "every": 3 if case == "moe_interleaved" else None}
     cfg.model.n_layers = _depth(cfg.layout)
     return cfg
 
@@ -138,8 +140,8 @@ def _case(name: str):
     return pytest.param(name, marks=() if name in FAST else pytest.mark.slow, id=name)
 
 
-CASES = [_case(p) for p in PRESETS] + [_case(c) for c in ("custom", "moe", "moe_renorm", "moe_ma_offset",
-                                                           "moe_interleaved")]
+CASES = [_case(p) for p in PRESETS] + [_case(c) for c in ("custom", "moe", "moe_renorm", "moe_renorm_swa",
+                                                           "moe_ma_offset", "moe_interleaved")]
 
 
 @pytest.mark.parametrize("case", CASES)
