@@ -16,7 +16,8 @@ Layout of one prepared dataset (``FORMAT`` 2), keyed by corpus, tokenizer, split
       parts/u000007.json      the unit's marker (counts, sizes): written after its data
       index.json              written last, once every unit has its marker
 
-A *unit* is a piece of the input of about ``data.shard_mb`` MB: several small text files,
+A *unit* is a piece of the input of at most ``data.shard_mb`` MB (and at most 1/64 of the
+input, at least 1 MB, so small corpora use every core): several small text files,
 a byte range of a JSONL file (lines belong to the range holding their first byte), a run
 of parquet row groups, one compressed file (``.zst``/``.gz`` cannot be split), or one
 shard of a hub data set. The split of a unit's documents into train/val is decided
@@ -185,16 +186,20 @@ def _file_kind(path: Path) -> tuple[str, str]:
 
 
 def plan_units(c) -> list[Unit]:
-    """The units of the corpus of ``c``, in corpus order (deterministic)."""
-    unit_bytes = max(1, int(float(c.shard_mb) * (1 << 20)))
+    """The units of the corpus of ``c``, in corpus order (deterministic: a function of
+    the input files and their sizes). A unit holds at most ``data.shard_mb`` MB of input,
+    and no more than 1/``MIN_UNITS`` of it (but at least 1 MB), so that a corpus smaller
+    than ``shard_mb`` x cores still spreads over every core."""
     if c.source == "embedded":
         p = embedded_corpus_path(c)
-        return _json_units(p, unit_bytes)
+        return _json_units(p, _unit_bytes(c, p.stat().st_size))
     if c.source == "files":
         units: list[Unit] = []
         pending: list[str] = []
         pending_bytes = 0
-        for p in resolve_paths(c.paths):
+        files = resolve_paths(c.paths)
+        unit_bytes = _unit_bytes(c, sum(p.stat().st_size for p in files))
+        for p in files:
             kind, comp = _file_kind(p)
             size = p.stat().st_size
             if size == 0:
@@ -230,6 +235,14 @@ def plan_units(c) -> list[Unit]:
         n = len(ds)
         return [Unit("hub_rows", (), a, min(n, a + HUB_UNIT_ROWS), n) for a in range(0, max(n, 1), HUB_UNIT_ROWS)]
     raise DataError(f"unknown data.source {c.source!r}; use one of ['embedded', 'files', 'hub']")
+
+
+MIN_UNITS = 64
+
+
+def _unit_bytes(c, total_bytes: int) -> int:
+    cap = max(1, int(float(c.shard_mb) * (1 << 20)))
+    return min(cap, max(1 << 20, total_bytes // MIN_UNITS))
 
 
 def _json_units(p: Path, unit_bytes: int) -> list[Unit]:
