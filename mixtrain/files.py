@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import os
+import socket
+import uuid
 from pathlib import Path
 
 
@@ -11,7 +13,8 @@ def atomic_write_text(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` via a temporary file and ``os.replace`` (readers never
     see a half-written file; concurrent writers of the same content are harmless)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    # Unique across hosts too: two nodes' containers may both run as PID 1 on a shared disk.
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:12]}")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
