@@ -3,13 +3,20 @@
 The probe of whether a layout can retrieve *by content* beyond its sliding window
 (``data=recall``, ``experiment=recall``, ``mixtrain eval --tasks recall``).
 
-One sequence of ``seq_len`` input tokens (``seq_len + 1`` generated, inputs = tokens[:-1],
-labels = tokens[1:]) is cut into 2-token slots. ``data.recall_pairs`` slots at random
-positions hold a key-value pair ``k v``; ``recall_pairs`` later slots hold the queries
-``k v`` (each key of the sequence asked once, in random order); every other slot holds
-two random filler tokens. The loss is on the answers only: ``labels`` is -100 everywhere
-except at a query's key position, whose label is the value that followed that key in
-its pair (the long-QA stage's convention: only answer targets carry a loss).
+One sequence of ``seq_len`` input tokens (``seq_len + 1`` generated, inputs = tokens[:-1])
+is cut into 2-token slots. ``data.recall_pairs`` slots at random positions hold a
+key-value pair ``k v``; ``recall_pairs`` later slots hold the queries ``k f`` (each key
+of the sequence asked once, in random order; ``f`` a filler token); every other slot
+holds two random filler tokens. The loss is on the answers only: ``labels`` is -100
+everywhere except at a query's key position, whose label is the value that followed that
+key in its pair (the long-QA stage's convention: only answer targets carry a loss).
+
+The answer is *not* written after its query (Zoology's MQAR writes it, as teacher
+forcing): with answers in the input, a model that only knows which values the sequence
+holds can exclude the values already answered, so its i-th of n queries is right with
+probability 1/(n - i) - H(n)/n = 0.34 on average for 8 pairs instead of 1/8 - which is
+what ``ma`` learned in our first sweep. Without them, every value appears exactly once
+and knowing the values without their keys is worth exactly 1 / recall_pairs.
 
 Token ids (disjoint ranges, so a token's role is its identity)::
 
@@ -176,7 +183,7 @@ class RecallSpec:
         values = rng.choice(self.values, n, replace=False) + self.value0
         slots = rng.integers(1, 1 + self.filler, size=(self.seq_len // 2 + 1, 2))  # + a filler tail
         slots[pair_slot, 0], slots[pair_slot, 1] = keys, values
-        slots[query_slot, 0], slots[query_slot, 1] = keys, values
+        slots[query_slot, 0] = keys  # the token after a query stays filler: see the module docstring
         tokens = slots.reshape(-1)[: self.seq_len + 1]
         order = np.argsort(query_slot)
         return {
