@@ -109,6 +109,7 @@ def test_bench_data_figures_match_independent_counts(tmp_path, capsys):
         assert row["tokens_per_s"] == pytest.approx(row["tokens"] / row["prepare_wall_s"])
         assert 0 < row["cpu_s"] <= row["prepare_wall_s"] * result["machine"]["cores"] * 1.05 + 0.5
         assert row["tokens_per_cpu_s"] == pytest.approx(row["tokens"] / row["cpu_s"])
+        assert row["tokenizer_alone_tokens_per_cpu_s"] > 0
         read = row["read"]
         assert read["tokens"] == read["batches"] * 8 * 128 > 0 and read["num_workers"] == 0
         assert read["tokens_per_s"] == pytest.approx(read["tokens"] / read["seconds"])

@@ -13,7 +13,9 @@ For each size N in ``--tokens`` (e.g. ``10M,40M``), in one run:
    ``mixtrain data prepare`` runs) in a fresh child process, with ``--num-proc``
    worker processes. Measured: wall time; tokens/s and tokens/s per process; tokens
    per CPU-second (user+system time of the child and its workers: the per-core speed
-   even when other programs share the cores, which wall-clock figures are not); peak
+   even when other programs share the cores, which wall-clock figures are not), next
+   to the baseline measured in the same run: the tokenizer alone on the first 256
+   documents in the bench's process (no reading, splitting or writing); peak
    memory three ways: the peak *sum* of RSS over the child and all its descendants
    (sampled every 50 ms with psutil; counts pages shared between processes once per
    process, so it is an upper bound), the peak sum of PSS (shared pages divided among
@@ -257,7 +259,10 @@ def bench_size(n_tokens: int, args, tok_spec: str, tok, work: Path) -> dict:
     work.mkdir(parents=True)
     synth = SynthText(seed=args.seed)
     sample = [synth.document(i) for i in range(CALIBRATION_DOCS)]
-    chars_per_token = sum(map(len, sample)) / sum(len(ids) + 1 for ids in tok.encode_batch(sample))
+    c0 = time.process_time()
+    sample_tokens = sum(len(ids) + 1 for ids in tok.encode_batch(sample))
+    tokenizer_cpu_s = time.process_time() - c0
+    chars_per_token = sum(map(len, sample)) / sample_tokens
     t0 = time.perf_counter()
     corpus = write_corpus(work / "corpus", int(n_tokens * chars_per_token), fmt=args.format,
                           shard_chars=int(args.corpus_shard_mb * 1e6), synth=synth)
@@ -292,6 +297,9 @@ def bench_size(n_tokens: int, args, tok_spec: str, tok, work: Path) -> dict:
         # CPU time of the preparing process and its workers: per-core speed that does not
         # depend on other programs sharing the cores (wall-clock figures do)
         "tokens_per_cpu_s": tokens / prep["cpu_s"],
+        # the baseline, measured in the same run: the tokenizer alone on the first documents,
+        # in this process (no reading, splitting or writing)
+        "tokenizer_alone_tokens_per_cpu_s": sample_tokens / max(tokenizer_cpu_s, 1e-9),
         "peak_tree_rss": prep["peak_tree_rss"],
         "peak_tree_pss": prep["peak_tree_pss"],
         "peak_process_rss": prep["peak_process_rss"],
@@ -343,13 +351,14 @@ def _count(n: float) -> str:
 
 def format_table(rows: list[dict], base: Optional[float] = None) -> str:
     base = base or (rows[0]["peak_tree_rss"] if rows else 1)
-    head = ("| tokens | wall | tokens/s per process (procs) | tokens per CPU-s | peak RSS tree (x smallest) | peak PSS tree | "
+    head = ("| tokens | wall | tokens/s per process (procs) | tokens per CPU-s (tokenizer alone) | peak RSS tree (x smallest) | peak PSS tree | "
             "largest process | disk | bytes/token | left in cache | read tokens/s (workers) |")
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
         lines.append(
             f"| {_count(r['tokens'])} | {r['prepare_wall_s']:.1f} s | {r['tokens_per_s_per_process'] / 1e6:.2f}M "
-            f"({r['processes']}) | {r['tokens_per_cpu_s'] / 1e6:.2f}M | {_gb(r['peak_tree_rss'])} ({r['peak_tree_rss'] / base:.2f}x) | "
+            f"({r['processes']}) | {r['tokens_per_cpu_s'] / 1e6:.2f}M ({r['tokenizer_alone_tokens_per_cpu_s'] / 1e6:.2f}M) | "
+            f"{_gb(r['peak_tree_rss'])} ({r['peak_tree_rss'] / base:.2f}x) | "
             f"{_gb(r['peak_tree_pss'])} | {_gb(r['peak_process_rss'])} | {_gb(r['prepared_bytes'])} | "
             f"{r['bytes_per_token']:.3f} | {r['leftover_cache_bytes'] + r['hf_datasets_cache_bytes']} B | "
             f"{r['read']['tokens_per_s'] / 1e6:.2f}M ({r['read']['num_workers']}) |"
