@@ -94,7 +94,17 @@ def _train_main() -> None:
     # Every job of a sweep (and every SLURM task a submitit launcher starts on another
     # machine, which inherits the environment) must agree on the sweep's stamp.
     os.environ.setdefault("MIXTRAIN_RUN_STAMP", run_stamp())
-    sys.argv = [sys.argv[0], *_sweep_overrides(whole_numbers_in_overrides(sys.argv[1:]))]
+    user_args = whole_numbers_in_overrides(sys.argv[1:])
+    if user_args and not any(a.startswith("-") for a in user_args):  # a single run: compose it once here,
+        from mixtrain.config import compose  # so a misspelt key or recipe gets our message, not Hydra's
+        from mixtrain.errors import UserError
+
+        try:
+            compose(user_args)
+        except UserError as e:
+            print(f"mixtrain train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    sys.argv = [sys.argv[0], *_sweep_overrides(user_args)]
     failed: list[str] = []
 
     @hydra.main(version_base="1.3", config_path=f"pkg://{RECIPES_PACKAGE}", config_name="train")

@@ -426,6 +426,56 @@ def setup_hydra() -> None:
     register_resolvers()
 
 
+_MISSING_KEY = re.compile(r"Could not override '([\w.]+)'\.\nTo append to your config use \+\S+\n(Key '\w+' not in '\w+')")
+_MISSING_OPTION = re.compile(r"Could not find '([\w/]+)/([^']+)'")
+
+
+def _settings_of(dotted: str) -> list[str]:
+    """The valid keys beside ``dotted`` (``train.max_tokns`` -> train.seq_len, ...), from the schemas."""
+    import dataclasses
+    import typing
+
+    node: Any = MixtrainConfig
+    *parents, _ = dotted.split(".")
+    for name in parents:
+        fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
+        if name not in fields:
+            return []
+        hint = typing.get_type_hints(node).get(name)
+        args = [a for a in typing.get_args(hint) if dataclasses.is_dataclass(a)]
+        node = args[0] if args else hint
+    if not dataclasses.is_dataclass(node):
+        return []
+    prefix = ".".join(parents)
+    return [f"{prefix}.{f.name}" if prefix else f.name for f in dataclasses.fields(node)]
+
+
+def _nearest(word: str, options: list[str]) -> str:
+    import difflib
+
+    close = difflib.get_close_matches(word, options, n=1, cutoff=0.6)
+    return f"; did you mean {close[0]}?" if close else ""
+
+
+def _clean_hydra_message(text: str) -> str:
+    """Hydra's messages in our words: a misspelt key names the nearest valid key (not
+    Hydra's ``+key=...`` append hint); lists of recipes leave out the internal
+    ``*_schema`` entries and the config search path, and name the nearest recipe."""
+    m = _MISSING_KEY.search(text)
+    if m:
+        key = m.group(1)
+        return f"{m.group(2)}: {key} is not a setting{_nearest(key, _settings_of(key))}"
+    m = _MISSING_OPTION.search(text)
+    if m:
+        lines = text.split("\nConfig search path:")[0].splitlines()
+        lines = [l for l in lines if not l.strip().endswith("_schema")]
+        options = [l.strip() for l in lines if l.startswith("\t")]
+        near = _nearest(m.group(2), options)
+        lines[0] += f": did you mean {m.group(1)}={near[len('; did you mean '):-1]}?" if near else ""
+        return "\n".join(lines)
+    return text
+
+
 _CHOICE_ERROR = re.compile(r"Invalid value '(.*)', expected one of \[(.*)\]\s+full_key: (\S+)")
 
 
@@ -442,7 +492,7 @@ def _explain(e: BaseException) -> str:
         if text and text not in parts and "$VALUE" not in text:
             parts.append(text)
         e = e.__cause__ or e.__context__
-    return "\n".join(parts)
+    return _clean_hydra_message("\n".join(parts))
 
 
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
@@ -484,6 +534,10 @@ def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
 
     with initialize_config_module(config_module=RECIPES_PACKAGE, version_base="1.3"):
         try:
-            return hydra_compose(config_name=config_name, overrides=overrides)
+            cfg = hydra_compose(config_name=config_name, overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:
             raise UserError(_explain(e)) from e
+    from mixtrain.hf.importer import explain_model
+
+    explain_model(cfg)  # model=from_hf: a model.hf_path that cannot be read is a UserError here
+    return cfg

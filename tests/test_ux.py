@@ -317,3 +317,70 @@ def test_a_log_file_gets_plain_progress_lines_and_no_library_noise(shared_cache,
     assert all("loss " in l for l in lines)
     assert not [w for w in caught if "LeafSpec" in str(w.message) or "weights_only" in str(w.message)]
     assert "trainable parameters: " in out.out
+
+
+# ------------------------------------------------------------ Hydra's messages
+def test_a_misspelt_key_or_recipe_names_the_nearest_valid_one():
+    with pytest.raises(UserError) as e:
+        compose(["train.max_tokns=5"])
+    assert str(e.value).endswith("train.max_tokns is not a setting; did you mean train.max_tokens?")
+    assert "+train.max_tokns" not in str(e.value)
+    with pytest.raises(UserError) as e:
+        compose(["model=tinyy"])
+    text = str(e.value)
+    assert "Could not find 'model/tinyy': did you mean model=tiny?" in text
+    assert "\ttiny\n" in text and "_schema" not in text and "search path" not in text
+
+
+def test_mixtrain_train_answers_a_misspelt_key_itself(tmp_path):
+    res = mixtrain_cli(["train", "optim.lrr=1e-3", f"run.root={tmp_path / 'runs'}"], tmp_path)
+    assert res.returncode == 2 and "did you mean optim.lr?" in res.stderr and "Traceback" not in res.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+# ------------------------------------------------------------ the bad-input suite
+# Every bad value issue 12 lists, refused before anything is made, with the key named.
+BAD_RECIPES = [
+    (["data.val_fraction=1.5"], r"data\.val_fraction=1\.5 must be in \[0, 1\)"),
+    (["data.val_fraction=-0.1"], r"data\.val_fraction=-0\.1 must be in \[0, 1\)"),
+    (["optim.lr=-1"], r"optim\.lr=-1(\.0)? must be positive"),
+    (["optim.lr=0"], r"optim\.lr=0(\.0)? must be positive"),
+    (["optim.betas=[0.9]"], r"optim\.betas=\[0\.9\] must be two numbers in \[0, 1\)"),
+    (["optim.warmup_fraction=2"], r"optim\.warmup_fraction=2(\.0)? must be in \[0, 1\]"),
+    (["optim.eps=0"], r"optim\.eps=0(\.0)? must be positive"),
+    (["trainer.devices=abc"], r"trainer\.devices='abc' is not a device count"),
+    (["trainer.devices=0"], r"trainer\.devices=0 is not a device count"),
+    (["trainer.num_nodes=0"], r"trainer\.num_nodes=0 must be at least 1"),
+    (["train.keep_checkpoints=0"], r"train\.keep_checkpoints=0 must be at least 1"),
+    (["train.val_batches=0"], r"train\.val_batches=0 must be at least 1"),
+    (["data.vocab_size=1024"], r"data\.vocab_size=1024 exceeds the model's model\.vocab_size=512"),
+    (["data.kind=longqa", "data.qa_chunk_tokens=8"], r"data\.qa_chunk_tokens=8 is too small; use at least 16"),
+    (["train.seq_len=512"], r"train\.seq_len=512 is longer than the model's model\.max_seq_len=256"),
+    (["train.stage=extend"], r"stage 'extend' starts from the previous stage's weights: set train\.init_from"),
+]
+
+
+@pytest.mark.parametrize("bad, message", BAD_RECIPES, ids=[" ".join(b) for b, _ in BAD_RECIPES])
+def test_bad_recipe_values_are_refused_before_anything_is_made(shared_cache, tmp_path, bad, message):
+    from mixtrain.train.checks import check_recipe
+
+    with pytest.raises(UserError, match=message):
+        check_recipe(compose(overrides(shared_cache, tmp_path, "bad", *bad)))
+    assert list(tmp_path.iterdir()) == []
+
+
+BAD_CHOICES = [
+    ("train.trainable=mlp", "all, attention"), ("train.stage=finetune", "pretrain, extend, longqa"),
+    ("trainer.strategy=deepspeed", "auto, ddp, fsdp"), ("trainer.activation_checkpointing=most", "none, full, selective"),
+    ("logger.kind=tensorboard", "wandb, csv, none"), ("logger.mode=sometimes", "auto, online, offline, disabled"),
+    ("data.kind=chat", "pretrain, longqa, recall"), ("data.source=s3", "embedded, files, hub"),
+    ("data.qa_source=web", "offline, jsonl, hf"), ("model.attn_impl=fast", "auto, sdpa, flex"),
+]
+
+
+@pytest.mark.parametrize("override, allowed", BAD_CHOICES, ids=[o for o, _ in BAD_CHOICES])
+def test_every_choice_is_refused_at_compose_time_naming_the_values(override, allowed):
+    key, value = override.split("=")
+    with pytest.raises(UserError) as e:
+        compose([override])
+    assert str(e.value) == f"{key}={value!r} is not known; use one of: {allowed}"
