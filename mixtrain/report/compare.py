@@ -208,25 +208,31 @@ def plot_loss_curves(records: list[dict[str, Any]], path: Any, x: str = "tokens"
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(8, 5))
+    from matplotlib.lines import Line2D
+
+    # Wide enough for the curves, with one legend row per run beside them (not over them).
+    fig, ax = plt.subplots(figsize=(7.5, 4.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    markers = "osD^vP*Xh<>"
+    handles = []
     for i, r in enumerate(records):
-        c = colors[i % len(colors)]
+        c, m = colors[i % len(colors)], markers[i % len(markers)]
         scale = r["tokens_per_step"] if x == "tokens" else 1
-        label = run_label(r)
-        for key, style in (("val/loss", dict(lw=2, marker="o", ms=3)), ("train/loss", dict(lw=1, alpha=0.35))):
-            pts = r["curves"].get(key, [])
-            if pts:
-                # steps are 0-based: the loss after optimizer step s has seen (s + 1) batches
-                ax.plot([(s + 1) * scale for s, _ in pts], [v for _, v in pts], color=c,
-                        label=f"{label} {key.split('/')[0]}", **style)
+        # steps are 0-based: the loss after optimizer step s has seen (s + 1) batches
+        pts = r["curves"].get("train/loss", [])
+        if pts:
+            ax.plot([(s + 1) * scale for s, _ in pts], [v for _, v in pts], color=c, lw=1, alpha=0.4)
+        pts = r["curves"].get("val/loss", [])
+        if pts:  # hollow markers of different shapes: validation points at the same place stay visible
+            ax.plot([(s + 1) * scale for s, _ in pts], [v for _, v in pts], color=c, lw=2, marker=m, ms=8,
+                    mfc="none", mew=1.5)
+        handles.append(Line2D([], [], color=c, lw=2, marker=m, mfc="none", ms=7, label=run_label(r)))
     ax.set_xlabel("tokens" if x == "tokens" else "optimizer step")
     ax.set_ylabel("loss")
-    ax.set_title("Loss curves (val: solid, train: faint)")
+    ax.set_title("Loss curves (validation: markers and solid line, training: faint line)", fontsize=10)
     ax.grid(alpha=0.3)
-    if ax.lines:
-        ax.legend(fontsize=7)
-    fig.tight_layout()
+    if handles:
+        ax.legend(handles=handles, fontsize=8, loc="upper left", bbox_to_anchor=(1.02, 1), borderaxespad=0)
     save_figure(fig, path)
 
 
@@ -247,24 +253,35 @@ def plot_quality_vs_kv(records: list[dict[str, Any]], path: Any) -> None:
 
     pts = [r for r in records if r.get("kv_bytes_per_token_32k") and r.get("final_val_loss") is not None]
     evals = [r for r in records if r.get("kv_bytes_per_token_32k") and "average" in r.get("eval", {})]
-    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(13 if evals else 7, 5), squeeze=False)
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
+
+    fig, axes = plt.subplots(1, 2 if evals else 1, figsize=(12 if evals else 6.5, 4.5), squeeze=False)
     panels = [(axes[0][0], pts, lambda r: r["final_val_loss"], "final validation loss (lower is better)")]
     if evals:
         panels.append((axes[0][1], evals, lambda r: r["eval"]["average"], "eval average (higher is better)"))
     for ax, rs, y, ylabel in panels:
+        # Labels of neighbouring points (in x order) sit at three heights, so labels of points
+        # at one loss side by side do not run into each other; points at one place stack.
+        span = (max(y(r) for r in rs) - min(y(r) for r in rs)) if rs else 0
+        order = sorted(rs, key=lambda r: r["kv_bytes_per_token_32k"])
         seen: dict[tuple, int] = {}
-        for r in rs:
+        for i, r in enumerate(order):
             at = (r["kv_bytes_per_token_32k"], y(r))
             key = (round(at[0], 3), round(at[1], 4))
-            k = seen[key] = seen.get(key, -1) + 1  # labels of points at the same place are stacked
+            k = seen[key] = seen.get(key, -1) + 1
+            level = (i % 3) if span < 1e-9 or len(rs) > 3 else 0
             ax.scatter(*at, s=40)
-            ax.annotate(run_label(r), at, textcoords="offset points", xytext=(5, 5 + 10 * k), fontsize=8)
+            ax.annotate(run_label(r), at, textcoords="offset points", xytext=(5, 5 + 11 * (k + level)), fontsize=8)
         ax.set_xscale("log")
+        ax.margins(x=0.2, y=0.15)  # room for the labels right of and above the points
+        ax.xaxis.set_major_locator(LogLocator(base=2))
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: human_bytes(v)))
+        ax.xaxis.set_minor_formatter(NullFormatter())
         ax.set_xlabel("KV cache bytes per token at 32K context (bf16, log scale)")
         ax.set_ylabel(ylabel)
+        ax.set_title("Quality against KV memory" + (": validation loss" if ax is axes[0][0] else ": eval average"),
+                     fontsize=10)
         ax.grid(alpha=0.3, which="both")
-    axes[0][0].set_title("Quality against KV memory")
-    fig.tight_layout()
     save_figure(fig, path)
 
 

@@ -203,7 +203,7 @@ def save_figure(fig, path: Any, dpi: int = 120) -> "Path":
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=dpi)
+    fig.savefig(tmp, dpi=dpi, bbox_inches="tight", pad_inches=0.15)  # titles, labels, legends inside
     plt.close(fig)
     tmp.replace(path)
     return path
