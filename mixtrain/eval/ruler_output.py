@@ -75,7 +75,8 @@ def heatmap(result: dict, path: str | Path) -> Path:
 
     tasks, lengths = result["tasks"], [str(x) for x in result["lengths"]]
     grid = heatmap_grid(result)
-    fig, ax = plt.subplots(figsize=(1.2 + 1.1 * len(lengths), 0.9 + 0.38 * len(tasks)))
+    # Cells at least ~1 inch wide (one column is not a sliver); the title on its own lines.
+    fig, ax = plt.subplots(figsize=(2.6 + 1.0 * max(2, len(lengths)), 1.4 + 0.38 * len(tasks)))
     cmap = matplotlib.colormaps["RdYlGn"].with_extremes(bad="white")
     im = ax.imshow(np.ma.masked_invalid(grid), vmin=0, vmax=1, cmap=cmap, aspect="auto")
     ax.set_xticks(range(len(lengths)), [_k(int(x)) for x in lengths])
@@ -90,8 +91,8 @@ def heatmap(result: dict, path: str | Path) -> Path:
         ax.set_title(f"RULER {name}\navg {result['average']:.2f} over {grid.size - n_skipped} of {grid.size} "
                      f"cells\n(-: skipped, prompt too long)", fontsize=8)
     else:
-        ax.set_title(f"RULER {name} (avg {result['average']:.2f})", fontsize=9)
-    fig.colorbar(im, ax=ax, fraction=0.05)
+        ax.set_title(f"RULER {name}\navg {result['average']:.2f}", fontsize=9)
+    fig.colorbar(im, ax=ax, fraction=0.08, shrink=0.6, label="score")
     fig.tight_layout()
     from mixtrain.report import save_figure
 
