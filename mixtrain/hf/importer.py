@@ -234,6 +234,11 @@ def hf_value(path: Any, key: str) -> Any:
     """The ``mixtrain.hf`` resolver: ``${mixtrain.hf:${.hf_path},d_model}``; ``moe.top_k`` etc.
     for ``model=from_hf_moe``, ``ffn_hidden_dense`` for ``model=from_hf`` (a recipe of the
     other kind is refused, naming the right one)."""
+    if key == "name":  # also names the run directory, which Hydra resolves before mixtrain's checks
+        try:
+            return derive(path)[0]["name"]
+        except UserError:
+            return "from_hf"
     fields, _ = derive(path)
     if key == "ffn_hidden_dense":  # model=from_hf
         if fields["moe"] is not None:
@@ -315,6 +320,25 @@ def prepare_init(cfg: Any) -> list[str]:
     return notes
 
 
+def explain_model(cfg: Any) -> None:
+    """Resolve the ``model`` node of a composed recipe; a ``model=from_hf`` that cannot be
+    derived becomes a plain UserError (OmegaConf re-raises a resolver's exception as its own,
+    keeping only the text). Called by :func:`mixtrain.config.compose` and ``mixtrain train``."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    if "model" not in cfg:
+        return
+    try:
+        OmegaConf.to_container(cfg.model, resolve=True)
+    except OmegaConfBaseException as e:
+        text = str(e).split("\n    full_key:")[0]
+        prefix = "UserError raised while resolving interpolation: "
+        if text.startswith(prefix):
+            raise UserError(text[len(prefix):]) from None
+        raise
+
+
 def prepare_run(cfg: Any) -> list[str]:
     """``mixtrain train``, before anything is written: a ``model=from_hf`` recipe that cannot
     be derived is a plain UserError (not Hydra's wrapped one), and ``train.init_from=<HF
@@ -323,17 +347,9 @@ def prepare_run(cfg: Any) -> list[str]:
     from omegaconf.errors import OmegaConfBaseException
 
     hf_init = is_hf_folder(cfg.train.get("init_from"))
+    explain_model(cfg)
     if cfg.model.get("hf_path") is None and not hf_init:
         return []
-    try:
-        OmegaConf.to_container(cfg.model, resolve=True)
-    except OmegaConfBaseException as e:
-        # OmegaConf re-raises a resolver's exception as its own, keeping only the text.
-        text = str(e).split("\n    full_key:")[0]
-        prefix = "UserError raised while resolving interpolation: "
-        if text.startswith(prefix):
-            raise UserError(text[len(prefix):]) from None
-        raise
     notes = prepare_init(cfg) if hf_init else []
     for n in notes:
         print(f"train.init_from: {n}")
