@@ -384,3 +384,15 @@ def test_every_choice_is_refused_at_compose_time_naming_the_values(override, all
     with pytest.raises(UserError) as e:
         compose([override])
     assert str(e.value) == f"{key}={value!r} is not known; use one of: {allowed}"
+
+
+def test_a_later_stage_says_what_it_loaded_and_what_trains(shared_cache, trained, tmp_path, capsys):
+    from mixtrain.train.checkpoint import latest_checkpoint
+
+    run(shared_cache, tmp_path, "s2", "train.max_tokens=256", "train.trainable=attention",
+        f"train.init_from={trained}", f"data.tokenizer={trained / 'tokenizer.json'}")
+    out = capsys.readouterr().out
+    assert f"from {latest_checkpoint(trained)}" in out and "init_from: loaded " in out
+    line = next(l for l in out.splitlines() if l.startswith("trainable parameters: "))
+    trainable, total = (int(x.replace(",", "")) for x in line.split(": ")[1].split(" (")[0].split(" of "))
+    assert 0 < trainable < total and line.endswith("(attention only)")
