@@ -17,7 +17,7 @@ import torch
 from mixtrain.config import DataConfig
 from mixtrain.data import corpus, pretrain, shards
 from mixtrain.data.corpus import DataError, embedded_corpus_path, load_documents
-from mixtrain.data.pretrain import PackedDataset, PretrainDataModule, ResumableSampler, prepare
+from mixtrain.data.pretrain import PretrainDataModule, ResumableSampler, prepare
 from mixtrain.data.tokenizer import EOS_TOKEN, get_tokenizer, load_tokenizer_file, train_bpe
 
 WORDS = (

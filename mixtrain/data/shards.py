@@ -50,7 +50,7 @@ import sys
 import time
 import uuid
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from itertools import chain
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -255,7 +255,6 @@ def _json_units(p: Path, unit_bytes: int) -> list[Unit]:
 
 
 def _parquet_units(p: Path, field: str, unit_bytes: int) -> list[Unit]:
-    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
@@ -276,7 +275,6 @@ def _parquet_units(p: Path, field: str, unit_bytes: int) -> list[Unit]:
             start, acc = g + 1, 0
     if start < md.num_row_groups or not units:
         units.append(Unit("parquet", (str(p),), start, md.num_row_groups))
-    _ = pa
     return units
 
 
@@ -534,8 +532,6 @@ class BuildSpec:
     tok: Any
     out: str
     dtype: str
-    max_documents: Optional[int] = None
-    units: list = field(default_factory=list)
 
 
 def unit_paths(out: Path, u: int) -> dict[str, Path]:
