@@ -44,6 +44,22 @@ def task_yamls(d: Path, mc_answers: list[int], gen_answers: list[str]) -> Path:
            "answer": a} for i, a in enumerate(mc_answers)]
     gen = [{"prompt": f"{WORDS[2 * i]} {WORDS[2 * i + 3]} is", "answer": a} for i, a in enumerate(gen_answers)]
     (d / "mc.jsonl").write_text("".join(json.dumps(r) + "\n" for r in mc))
+    # long enough for several rolling windows of the 128-token model
+    ppl = [{"text": " ".join(WORDS[i:] + WORDS[:i]) * 3} for i in range(0, 8, 4)]
+    (d / "ppl.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ppl))
+    (d / "mt_ppl.yaml").write_text(f"""task: mt_ppl
+dataset_path: json
+dataset_kwargs:
+  data_files:
+    test: {d / 'ppl.jsonl'}
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{{{text}}}}"
+metric_list:
+  - metric: word_perplexity
+  - metric: bits_per_byte
+""")
     (d / "gen.jsonl").write_text("".join(json.dumps(r) + "\n" for r in gen))
     (d / "mt_mc.yaml").write_text(f"""task: mt_mc
 dataset_path: json
@@ -133,23 +149,25 @@ def hf_results(hf_dir: Path, tasks_dir: Path, remote_code: bool = False) -> dict
 
     tm = TaskManager(include_path=str(tasks_dir), include_defaults=False)  # our two tasks only: quick
     args = f"pretrained={hf_dir},dtype=float32" + (",trust_remote_code=True" if remote_code else "")
-    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["mt_mc", "mt_gen"], task_manager=tm,
+    return lm_eval.simple_evaluate(model="hf", model_args=args, tasks=["mt_mc", "mt_gen", "mt_ppl"], task_manager=tm,
                                    device="cpu", batch_size=3, log_samples=True, bootstrap_iters=0)
 
 
 def mixtrain_eval(exp: Path, tasks_dir: Path, *extra: str) -> dict:
     from mixtrain.eval.cli import main
 
-    assert main(["--model", str(exp), "--harness", "mt_mc,mt_gen", "--harness-include", str(tasks_dir),
+    assert main(["--model", str(exp), "--harness", "mt_mc,mt_gen,mt_ppl", "--harness-include", str(tasks_dir),
                  "--batch-size", "3", "--device", "cpu", *extra]) == 0
     return json.loads((exp / "eval" / "harness.json").read_text())
 
 
 def assert_same(ref: dict, mine: dict, exp: Path) -> None:
     """Same scores, and sample by sample the same log-likelihoods (fp32) and generated text."""
+    assert set(mine["harness"]) == {"mt_mc", "mt_gen", "mt_ppl"}
     for task, metrics in mine["harness"].items():
         for m, v in metrics.items():
-            assert v == ref["results"][task][f"{m},none"], (task, m)
+            want = ref["results"][task][f"{m},none"]
+            assert v == (want if task != "mt_ppl" else pytest.approx(want, rel=1e-5)), (task, m)
     samples = [json.loads(line) for line in (exp / "eval" / "harness_samples.jsonl").read_text().splitlines()]
     by_doc = {(s["task"], s["doc_id"]): s for s in samples}
     assert len(by_doc) == sum(len(v) for v in ref["samples"].values())
@@ -159,6 +177,9 @@ def assert_same(ref: dict, mine: dict, exp: Path) -> None:
         assert max(abs(a - b) for a, b in zip(got, want)) < 1e-4, (got, want)
     for s in ref["samples"]["mt_gen"]:
         assert by_doc[("mt_gen", s["doc_id"])]["filtered_resps"][0] == s["filtered_resps"][0]
+    for s in ref["samples"]["mt_ppl"]:  # 148 words, over 128 tokens: summed over several rolling windows
+        got = float(by_doc[("mt_ppl", s["doc_id"])]["filtered_resps"][0])
+        assert abs(got - float(s["filtered_resps"][0])) < 1e-3, (got, s["filtered_resps"])
 
 
 @pytest.mark.slow
@@ -181,7 +202,7 @@ def test_hf_export_and_mixtrain_engine_give_the_same_scores(models, tmp_path):
     assert ref["results"]["mt_mc"]["acc,none"] == 0.5 and ref["results"]["mt_gen"]["exact_match,none"] == 0.5
     assert mine["harness"]["mt_mc"]["acc"] == 0.5 and mine["harness"]["mt_gen"]["exact_match"] == 0.5
     assert_same(ref, mine, std)
-    assert mine["layout"] == "standard" and mine["n_samples"] == {"mt_mc": n, "mt_gen": n}
+    assert mine["layout"] == "standard" and mine["n_samples"] == {"mt_mc": n, "mt_gen": n, "mt_ppl": 2}
     # mixtrain compare shows them
     from mixtrain.report.compare import compare_rows, format_compare, run_record
 
