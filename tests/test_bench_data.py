@@ -68,7 +68,6 @@ def test_write_corpus_streams_shards_of_the_stream(tmp_path, fmt):
     assert read_docs(smaller.files) == docs[: smaller.documents]  # a smaller corpus is a prefix
 
 
-@pytest.mark.slow
 def test_bench_data_figures_match_independent_counts(tmp_path, capsys):
     from mixtrain.cli import main
     from mixtrain.data.tokenizer import load_tokenizer_file
