@@ -184,6 +184,9 @@ def test_mismatches_are_refused_naming_what_differs(llama_dir, tmp_path):
     gemma = _edit_config(llama_dir, tmp_path / "gemma", model_type="gemma", architectures=["GemmaForCausalLM"])
     with pytest.raises(UserError, match=r"architecture GemmaForCausalLM \(model_type 'gemma'\) is not supported"):
         prepare_run(compose(["model=from_hf", f"model.hf_path={gemma}"]))
+    remote = _edit_config(llama_dir, tmp_path / "remote", model_type="mixtrain", architectures=["MixtrainForCausalLM"])
+    with pytest.raises(UserError, match=r"a mixtrain export with mixtrain's own remote code .*train.init_from=<run dir or export>"):
+        derive(remote)
     # the recipe without its folder, for every command that composes recipes
     with pytest.raises(UserError, match=r"model.hf_path is not set: give the folder of a Hugging Face model"):
         compose(["model=from_hf"])

@@ -119,6 +119,13 @@ def _problems_and_fields(path: Path, c: dict[str, Any]) -> tuple[list[str], dict
     problems: list[str] = []
     notes: list[str] = []
     mt = c.get("model_type")
+    if mt == "mixtrain":
+        problems.append(
+            "this is a mixtrain export with mixtrain's own remote code (model_type 'mixtrain'); start from the "
+            "mixtrain run or its `mixtrain export` folder instead (train.init_from=<run dir or export>, with that "
+            "run's model and layout)"
+        )
+        return problems, {}, notes
     if mt not in FAMILIES:
         arch = ", ".join(c.get("architectures") or []) or "?"
         problems.append(
