@@ -200,8 +200,8 @@ def check_places(cfg: DictConfig, run_dir) -> None:
 
     run_dir = Path(run_dir)
     root = f"run.root={cfg.run.root}"
-    todo = (f"Give a writable folder: run.root=<folder> (or run.name=<new name>)" if not run_dir.exists() else
-            f"Make it writable (chmod u+w), or copy the run elsewhere and resume there with run.root=<folder>")
+    todo = ("Give a writable folder: run.root=<folder> (or run.name=<new name>)" if not run_dir.exists() else
+            "Make it writable (chmod u+w), or copy the run elsewhere and resume there with run.root=<folder>")
     check_writable(run_dir, f"run directory ({root})", todo)
     if (run_dir / "checkpoints").is_dir():
         check_writable(run_dir / "checkpoints", "the run's checkpoints folder", todo)
