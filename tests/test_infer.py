@@ -378,6 +378,7 @@ def test_generate_and_export_name_a_missing_model_or_a_run_without_checkpoints(t
     run = tmp_path / "runs" / "fresh"  # what `mixtrain train` leaves before its first checkpoint
     run.mkdir(parents=True)
     (run / "config.yaml").write_text("model: {}\n")
+    (run / "csv").mkdir()  # config.yaml alone is also what an export folder holds (RunDir.is_run_dir)
     want = (f"{run} is a run directory with no checkpoint yet (nothing under checkpoints/): "
             "train it first, or pass a checkpoint path\n")
     assert main(["export", str(run)]) == 2

@@ -308,7 +308,7 @@ def test_layoutconfig_dataclass_and_default():
     assert build_layout(None, 2, 8).name == "standard"
 
 
-RECIPE_DEPTH = {"custom_example": 6, "foundry_example": 13}
+RECIPE_DEPTH = {"custom_example": 6, "foundry_example": 13, "ma_pairs_6": 6}
 
 
 def recipe_files():
@@ -364,5 +364,6 @@ def test_schema_rejects_typo_key(tmp_path, monkeypatch):
     monkeypatch.setenv("MIXTRAIN_RECIPES", str(tmp_path))
     with pytest.raises(UserError, match=r"(?s)layout/my_typo.*Key 'presett' not in 'LayoutConfig'"):
         compose(["layout=my_typo"])
-    with pytest.raises(UserError, match=r"(?s)layout\.windw.*Key 'windw' not in 'LayoutConfig'"):
+    with pytest.raises(UserError, match=r"Key 'windw' not in 'LayoutConfig': layout\.windw is not a setting; "
+                                         r"did you mean layout\.window\?"):
         compose(["layout=ma_offset", "layout.windw=64"])

@@ -384,7 +384,10 @@ def test_quality_vs_kv_points_are_labelled_by_run(tmp_path, monkeypatch):
     from mixtrain import report
 
     figures = []
-    monkeypatch.setattr(report, "save_figure", lambda fig, path, dpi=120: figures.append(fig))
+    import importlib
+
+    compare_module = importlib.import_module("mixtrain.report.compare")  # report.compare is the function
+    monkeypatch.setattr(compare_module, "save_figure", lambda fig, path, dpi=120: figures.append(fig))
     records = [{"run": name, "layout": "ma_offset", "kv_bytes_per_token_32k": 1024.0, "final_val_loss": loss,
                 "eval": {"average": 0.1 * i}} for i, (name, loss) in enumerate([("chain-1", 4.0), ("chain-2", 3.5),
                                                                                ("ma_offset-seed1", 3.9)])]
