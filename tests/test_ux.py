@@ -311,6 +311,7 @@ def test_a_log_file_gets_plain_progress_lines_and_no_library_noise(shared_cache,
     out = capfd.readouterr()
     text = out.out + out.err
     assert "\r" not in text and "\x1b" not in text and "litlogger" not in text and "LeafSpec" not in text
+    assert "weights_only" not in text
     assert "it/s]" not in text and "Epoch 0" not in text
     lines = [l for l in out.out.splitlines() if l.startswith("step ")]
     assert [l.split("  ")[0] for l in lines] == [f"step {s}/4 ({25 * s}%)" for s in (1, 2, 3, 4)]

@@ -17,7 +17,7 @@ from typing import Any, Optional
 
 import lightning as L
 
-_NOISE = ("litlogger",)
+_NOISE = ("litlogger", "`weights_only` was not set")
 
 
 class _DropNoise(logging.Filter):
@@ -30,7 +30,8 @@ def quiet_libraries() -> None:
     """Idempotent; called before the Trainer is built."""
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated.*")
     warnings.filterwarnings("ignore", message=r".*weights_only.*", module=r"(torch|lightning)\..*")
-    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero",
+                 "lightning.pytorch.trainer.connectors.checkpoint_connector"):
         log = logging.getLogger(name)
         if not any(isinstance(f, _DropNoise) for f in log.filters):
             log.addFilter(_DropNoise())
