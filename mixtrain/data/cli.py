@@ -31,7 +31,8 @@ def _add_common(p: argparse.ArgumentParser, prepare: bool = False) -> None:
     p.add_argument("--cache-dir", default=None, help="default: $MIXTRAIN_CACHE or ~/.cache/mixtrain")
     p.add_argument("--vocab-size", type=int, default=None if prepare else 512,
                    help="BPE vocabulary size (prepare: default the model's, tokenizer: 512)")
-    p.add_argument("--max-documents", type=int, default=None)
+    p.add_argument("--max-documents", type=int, default=None,
+                   help="read at most this many documents (data.max_documents; default: all)")
     p.add_argument("--num-proc", type=int, default=None if prepare else 1,
                    help="tokenising processes (prepare: default data.num_proc, null = every core)")
 
@@ -168,9 +169,12 @@ def register(subparsers) -> None:
         "'data.paths=[corpus/*.jsonl]' train.seq_len=4096); the flags are shortcuts applied on top.")
     pr.add_argument("overrides", nargs="*", help="Hydra overrides, as for mixtrain train")
     pr.add_argument("--seq-len", type=int, default=None, help="default: train.seq_len of the recipe")
-    pr.add_argument("--tokenizer", default=None, help="'train' (default), a tokenizer.json path or an HF name")
-    pr.add_argument("--val-fraction", type=float, default=None)
-    pr.add_argument("--seed", type=int, default=None)
+    pr.add_argument("--tokenizer", default=None,
+                    help="'train' (default: BPE trained on the corpus), a tokenizer.json path, an HF tokenizer "
+                         "folder, tiktoken:NAME or a .tiktoken file (data.tokenizer)")
+    pr.add_argument("--val-fraction", type=float, default=None,
+                    help="share of documents held out for validation, in [0, 1) (data.val_fraction)")
+    pr.add_argument("--seed", type=int, default=None, help="seed of the train/validation split (data.seed)")
     pr.add_argument("--json", action="store_true", help="print the metadata as JSON")
     pr.add_argument("--node-rank", type=int, default=None, help="this machine's part (several machines, one dataset)")
     pr.add_argument("--num-nodes", type=int, default=None, help="how many machines share the preparation")
