@@ -218,6 +218,13 @@ class DataConfig:
     # "within": inside it, "mixed": each query either way with probability 1/2.
     recall_window: Optional[int] = None
     recall_placement: str = "beyond"
+    # Beyond-window queries are at least this many tokens after every pair (null: the
+    # window). Above the reach of stacked sliding layers (n_layers x window) only global
+    # attention can find the pair.
+    recall_gap: Optional[int] = None
+    # Where beyond sequences put their block of pairs: "random" (any start that leaves
+    # room) or "first" (the sequence's first slots, Zoology's MQAR layout).
+    recall_block: str = "random"
     # Validation placement (null: as training), sequences held out (their own seed stream).
     recall_val_placement: Optional[str] = None
     recall_val_sequences: int = 256

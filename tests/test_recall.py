@@ -79,6 +79,38 @@ def test_labels_are_the_value_after_the_queried_key(placement):
         assert len(set(far)) >= 10 and max(far) >= 40
 
 
+def test_beyond_queries_carry_no_position_hint():
+    """Beyond sequences: the pairs are one block at a random start, every query is more than
+    data.recall_gap tokens after *every* pair, and which pair the k-th query asks is uniform:
+    a model that does not match keys by content cannot beat 1 / pairs, and the positional
+    shortcut (the most recent pair beyond W) scores exactly that."""
+    from mixtrain.data.recall import shortcut_counts
+
+    spec = RecallSpec(seq_len=96, pairs=4, keys=16, values=16, filler=8, window=8, gap=30, seed=3)
+    cells = torch.zeros(4, 4)
+    starts = set()
+    for i in range(1200):
+        s = spec.sample(0, i)
+        kp = sorted(s["key_pos"].tolist())
+        assert kp == list(range(kp[0], kp[0] + 8, 2))  # adjacent pairs
+        starts.add(kp[0])
+        assert min(s["query_pos"]) - kp[-1] > 30  # beyond the gap from every pair
+        for rank, k in enumerate(s["key_pos"].tolist()):  # queries in position order
+            cells[rank, kp.index(k)] += 1
+    assert len(starts) > 10
+    freq = cells / cells.sum(1, keepdim=True)
+    assert (freq - 0.25).abs().max() < 0.05, freq
+    assert shortcut_counts(spec, 1, range(300)).tolist() == [0.0, 0.0, 300.0, 1200.0]
+    within = recall_metrics(shortcut_counts(spec.with_(placement="within"), 1, range(300)))["recall_within"]
+    assert within > 0.8  # within the window recency is a strong shortcut: why the table shows it
+    with pytest.raises(RecallError, match="recall_gap"):
+        spec.with_(gap=200).check()
+    first = spec.with_(block="first")
+    assert {int(min(first.sample(0, i)["key_pos"])) for i in range(20)} == {0}
+    with pytest.raises(RecallError, match="data.recall_block='middle'"):
+        spec.with_(block="middle").check()
+
+
 def test_validation_and_eval_streams_never_repeat_training_sequences():
     dm = RecallDataModule(data_cfg(recall_val_sequences=64), seq_len=64, micro_batch_size=8, vocab_size=64)
     dm.setup("fit")
@@ -180,6 +212,8 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     r64 = saved["by_length"]["64"]
     assert r64["queries_within"] + r64["queries_beyond"] == 8 * 4
     assert sum(b["queries"] for b in r64["buckets"]) == 8 * 4
+    assert 0.0 <= r64["shortcut_within"] <= 1.0  # answering by position, on the same sequences
+    assert r64["shortcut_beyond"] == 0.25  # beyond sequences: exactly 1 / pairs
     # The same numbers as scoring the loaded model directly (and the run's own seed stream 2).
     model, mcfg = load_model(tmp_path / "r")
     res = evaluate(model, mcfg, tmp_path / "again", lengths=[32, 64], samples=8, batch_size=4)

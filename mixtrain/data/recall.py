@@ -31,15 +31,26 @@ the sequence holds but not which belongs to which key scores 1 / recall_pairs.
 Where the queries sit (``data.recall_placement``), with distance d = query position -
 key position of its pair and W = ``data.recall_window`` (the sliding window):
 
-- ``beyond``: every query has d > W, so its pair's value is outside the query's window
-  (query i sees keys j with i - W < j <= i; the value at key + 1 is visible iff d <= W);
-- ``within``: every query has d <= W (a sliding layer sees the pair);
-- ``mixed``: each query is within or beyond with probability 1/2.
+- ``beyond``: the pairs are one block of adjacent slots at a random start
+  (``data.recall_block=random``) or at the sequence's start (``first``, as Zoology's
+  MQAR); the queries
+  (one per key, in a random order) sit at random free slots more than
+  G = max(W, ``data.recall_gap``) tokens after the block's last pair, so every query is
+  beyond the window of *every* pair (query i sees keys j with i - W < j <= i; the value at
+  key + 1 is visible iff d <= W). Nothing about a query's position says which pair it
+  asks: answering by position (the most recent pair, the k-th pair for the k-th query,
+  a fixed offset) scores exactly 1 / recall_pairs, and only matching the key by content
+  and reading the token that followed it finds the value. With G above the reach of
+  stacked sliding layers (n_layers x W), a layout without a global layer that can do that
+  match cannot relay the pair to the query either;
+- ``within``: pairs at random slots, every query at most W after its pair (a sliding layer
+  sees the pair; answering the most recent pair is a strong shortcut there, which is why
+  ``mixtrain eval --tasks recall`` prints the by-position score beside the accuracies);
+- ``mixed``: each sequence is a ``beyond`` or a ``within`` one with probability 1/2.
 
-Beyond-window queries take a query slot uniformly among the free slots far enough from
-the pair, and pairs sit anywhere that leaves room: distances are long and vary from
-sequence to sequence, so the only way to find the value is by content (match the key,
-read the token that followed it), not by a fixed offset.
+Why the block: with pairs scattered at random and each query somewhere after its own pair,
+"the most recent pair at least W back" is right 0.77 / 0.54 / 0.35 of the time for
+2 / 4 / 8 pairs, and small models settle on that shortcut instead of learning retrieval.
 
 Sequence ``i`` of a split is a pure function of (``data.seed``, split, ``i``): the
 training split uses the seed stream ``[seed, 0, i]``, validation ``[seed, 1, i]`` and
@@ -59,6 +70,7 @@ import torch
 from mixtrain.data.corpus import DataError, as_data_config
 
 PLACEMENTS = ("beyond", "within", "mixed")
+BLOCKS = ("random", "first")
 STREAMS = {"train": 0, "val": 1, "eval": 2}
 EOS_TOKEN = "<|endoftext|>"
 
@@ -79,6 +91,8 @@ class RecallSpec:
     window: int = 16
     placement: str = "beyond"
     seed: int = 1234
+    gap: Optional[int] = None  # beyond: the smallest query-to-pair distance (None: the window)
+    block: str = "random"  # beyond: where the block of pairs starts ("random" or "first")
 
     # ---- token ids
     @property
@@ -127,13 +141,18 @@ class RecallSpec:
                 f"{self.values} values) but model.vocab_size={model_vocab_size}; raise model.vocab_size or lower "
                 f"data.recall_keys / recall_values / recall_filler"
             )
+        if self.block not in BLOCKS:
+            raise RecallError(f"data.recall_block={self.block!r} is not known; use one of {list(BLOCKS)}")
+        if self.gap is not None and self.gap < 0:
+            raise RecallError(f"data.recall_gap={self.gap} must be at least 0 (null: the window)")
         # The sequence must hold every pair and its query, with beyond-window room.
-        need = 2 * self.pairs + (self.window // 2 + 1 if self.placement != "within" else 0)
+        need = 2 * self.pairs + (self.min_gap // 2 if self.placement != "within" else 0)
         if self.slots < need:
             raise RecallError(
                 f"seq_len={self.seq_len} has {self.slots} 2-token slots; {self.pairs} pairs, their {self.pairs} queries "
-                f"and a window of {self.window} need at least {need} (seq_len >= {2 * need - 1}); raise train.seq_len "
-                f"or lower data.recall_pairs / recall_window"
+                f"and a gap of {self.min_gap} tokens between the pairs and the beyond-window queries need at least "
+                f"{need} (seq_len >= {2 * need - 1}); raise train.seq_len or lower data.recall_pairs / recall_gap / "
+                f"recall_window"
             )
         return self
 
@@ -153,32 +172,17 @@ class RecallSpec:
         )
 
     def _try(self, rng: np.random.Generator) -> Optional[dict[str, np.ndarray]]:
-        S, n, W = self.slots, self.pairs, self.window
-        # d = 2 * (query slot - pair slot); beyond: d > W, within: 0 < d <= W
-        far = W // 2 + 1  # smallest slot gap that is beyond the window
-        near = W // 2  # largest slot gap within it
-        kinds = {"beyond": np.ones(n, bool), "within": np.zeros(n, bool)}.get(self.placement)
-        beyond = kinds if kinds is not None else rng.random(n) < 0.5
-        used = np.zeros(S, bool)
-        # Pairs: a beyond pair must leave `far` slots after it; pair slots at random.
-        pair_slot = np.empty(n, np.int64)
-        query_slot = np.empty(n, np.int64)
-        for j in range(n):
-            hi = S - far if beyond[j] else S - 1
-            free = np.flatnonzero(~used[:hi])
-            if free.size == 0:
+        placement = self.placement
+        if placement == "mixed":  # each sequence either way (the draw is part of the sequence's stream)
+            placement = "beyond" if rng.random() < 0.5 else "within"
+        if placement == "beyond":
+            pair_slot, query_slot = self._beyond_slots(rng)
+        else:
+            got = self._within_slots(rng)
+            if got is None:
                 return None
-            pair_slot[j] = rng.choice(free)
-            used[pair_slot[j]] = True
-        # Queries, in a random order of the pairs (far pairs first so they find room).
-        for j in rng.permutation(n):
-            a = pair_slot[j]
-            lo, hi = (a + far, S) if beyond[j] else (a + 1, min(S, a + near + 1))
-            free = np.flatnonzero(~used[lo:hi]) + lo
-            if free.size == 0:
-                return None
-            query_slot[j] = rng.choice(free)
-            used[query_slot[j]] = True
+            pair_slot, query_slot = got
+        n = self.pairs
         keys = rng.choice(self.keys, n, replace=False) + self.key0
         values = rng.choice(self.values, n, replace=False) + self.value0
         slots = rng.integers(1, 1 + self.filler, size=(self.seq_len // 2 + 1, 2))  # + a filler tail
@@ -193,6 +197,46 @@ class RecallSpec:
             "distance": 2 * (query_slot[order] - pair_slot[order]),
             "answer": values[order].astype(np.int64),
         }
+
+    @property
+    def min_gap(self) -> int:
+        """Smallest distance of a beyond-window query to *any* pair (``data.recall_gap``, at least W)."""
+        return max(self.window, self.gap or 0)
+
+    def _beyond_slots(self, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        """The pairs in one block of adjacent slots at a random start; the queries, one per
+        key in a random order, at random free slots at least ``min_gap`` + 1 tokens after
+        the block's last key. Nothing about a query's position tells which pair it asks."""
+        S, n = self.slots, self.pairs
+        far = self.min_gap // 2 + 1  # slot gap whose distance 2 * far exceeds the gap
+        start = int(rng.integers(0, S - far - 2 * n + 2))  # check() leaves room: S >= far + 2n - 1
+        if self.block == "first":
+            start = 0
+        pair_slot = np.arange(start, start + n)
+        first = start + n - 1 + far
+        query_slot = np.sort(rng.choice(np.arange(first, S), n, replace=False))[rng.permutation(n)]
+        return pair_slot, query_slot
+
+    def _within_slots(self, rng: np.random.Generator) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """Pairs at random slots, each query at a random free slot at most W after its pair."""
+        S, n, near = self.slots, self.pairs, self.window // 2
+        used = np.zeros(S, bool)
+        pair_slot = np.empty(n, np.int64)
+        query_slot = np.empty(n, np.int64)
+        for j in range(n):
+            free = np.flatnonzero(~used[: S - 1])
+            if free.size == 0:
+                return None
+            pair_slot[j] = rng.choice(free)
+            used[pair_slot[j]] = True
+        for j in rng.permutation(n):
+            a = pair_slot[j]
+            free = np.flatnonzero(~used[a + 1: min(S, a + near + 1)]) + a + 1
+            if free.size == 0:
+                return None
+            query_slot[j] = rng.choice(free)
+            used[query_slot[j]] = True
+        return pair_slot, query_slot
 
     def example(self, stream: int, index: int) -> dict[str, torch.Tensor]:
         """The training example of :meth:`sample`: ``input_ids``, ``labels`` (-100 except at
@@ -225,6 +269,7 @@ def spec_from_config(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = N
     return RecallSpec(
         seq_len=int(seq_len), pairs=c.recall_pairs, keys=c.recall_keys, values=c.recall_values,
         filler=c.recall_filler, window=int(c.recall_window), placement=c.recall_placement, seed=c.seed,
+        gap=None if c.recall_gap is None else int(c.recall_gap), block=c.recall_block,
     ).check(model_vocab_size)
 
 
@@ -290,6 +335,28 @@ def recall_metrics(counts) -> dict[str, Optional[float]]:
         "queries_within": int(nw),
         "queries_beyond": int(nb),
     }
+
+
+def shortcut_counts(spec: RecallSpec, stream: int, indices) -> torch.Tensor:
+    """What answering *by position* scores on the same sequences, counted like
+    :func:`recall_counts`: a within-window query answers the value of the most recent
+    pair, a beyond-window query the value of the most recent pair more than W back (the
+    best a layout that cannot match keys by content can aim by recency). Reported beside
+    the accuracies: a score at this level is not evidence of retrieval. On ``beyond``
+    sequences (one block of pairs, queries in random order) it is 1 / recall_pairs."""
+    counts = torch.zeros(4, dtype=torch.float64)
+    for i in indices:
+        s = spec.sample(stream, int(i))
+        order = np.argsort(s["key_pos"])
+        key_pos, value = s["key_pos"][order], s["answer"][order]
+        for q, d, ans in zip(s["query_pos"], s["distance"], s["answer"]):
+            within = d <= spec.window
+            before = np.flatnonzero(key_pos < q if within else q - key_pos > spec.window)
+            guess = value[before[-1]] if before.size else -1
+            col = 0 if within else 2
+            counts[col] += float(guess == ans)
+            counts[col + 1] += 1
+    return counts
 
 
 try:
@@ -364,5 +431,5 @@ class RecallDataModule(PretrainDataModule):
 
 __all__ = [
     "PLACEMENTS", "RecallDataModule", "RecallDataset", "RecallError", "RecallSpec", "RecallValidation",
-    "recall_counts", "recall_metrics", "recall_tokenizer", "spec_from_config",
+    "recall_counts", "recall_metrics", "recall_tokenizer", "shortcut_counts", "spec_from_config",
 ]

@@ -28,7 +28,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from mixtrain.data.recall import STREAMS, RecallSpec, recall_counts, recall_metrics
+from mixtrain.data.recall import STREAMS, RecallSpec, recall_counts, recall_metrics, shortcut_counts
 from mixtrain.errors import UserError
 
 EVAL_PLACEMENT = "mixed"  # both kinds of distance in every evaluation
@@ -79,6 +79,8 @@ def score_length(model, spec: RecallSpec, samples: int, seed: int = 0, batch_siz
             inside = mask & (dist > lo) & (dist <= hi)
             per_bucket[b] += torch.stack([(correct & inside).sum(), inside.sum()]).double().cpu()
     out = recall_metrics(counts.tolist())
+    shortcut = recall_metrics(shortcut_counts(spec, stream, range(samples)).tolist())
+    out["shortcut_within"], out["shortcut_beyond"] = shortcut["recall_within"], shortcut["recall_beyond"]
     out["buckets"] = [
         {"lo": lo, "hi": hi, "queries": int(n), "accuracy": (float(c) / float(n)) if n else None}
         for (lo, hi), (c, n) in zip(buckets, per_bucket.tolist())
@@ -126,11 +128,13 @@ def _pct(x: Optional[float]) -> str:
 def format_table(result: dict) -> str:
     w = result["settings"]["window"]
     lines = [f"recall ({result['settings']['pairs']} pairs, window {w}; a model that knows the values but not "
-             f"which key each belongs to scores {result['chance']:.3f})",
-             f"{'length':>8}  {'within (d<=W)':>13}  {'beyond (d>W)':>12}  by distance"]
+             f"which key each belongs to scores {result['chance']:.3f}; 'by position' is what answering the most "
+             f"recent pair (beyond: the most recent beyond W) scores on the same sequences)",
+             f"{'length':>8}  {'within (d<=W)':>13}  {'beyond (d>W)':>12}  {'by position w/b':>15}  by distance"]
     for length, r in result["by_length"].items():
         dist = "  ".join(f"{b['lo'] + 1}-{b['hi']}:{_pct(b['accuracy'])}" for b in r["buckets"] if b["queries"])
-        lines.append(f"{length:>8}  {_pct(r['recall_within']):>13}  {_pct(r['recall_beyond']):>12}  {dist}")
+        base = f"{_pct(r.get('shortcut_within'))}/{_pct(r.get('shortcut_beyond'))}"
+        lines.append(f"{length:>8}  {_pct(r['recall_within']):>13}  {_pct(r['recall_beyond']):>12}  {base:>15}  {dist}")
     return "\n".join(lines)
 
 
