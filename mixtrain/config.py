@@ -502,6 +502,31 @@ def _explain(e: BaseException) -> str:
     return _clean_hydra_message("\n".join(parts))
 
 
+def _explain_null_parent(overrides: list[str], config_name: str) -> Optional[str]:
+    """The override that sets a key under a node the recipe leaves null (``model.moe.top_k=2``
+    on a dense model, whose ``model.moe`` is null), in words; None when none is found."""
+    from hydra import compose as hydra_compose
+
+    groups = [o for o in overrides if "." not in o.partition("=")[0].lstrip("+~")]
+    try:
+        base = hydra_compose(config_name=config_name, overrides=groups)
+    except Exception:
+        return None
+    for o in overrides:
+        key = o.partition("=")[0].lstrip("+~")
+        parts = key.split(".")
+        node: Any = base
+        for i, name in enumerate(parts[:-1]):
+            node = node.get(name) if hasattr(node, "get") else None
+            if node is None:
+                parent = ".".join(parts[: i + 1])
+                hint = (" (a dense model): choose an MoE model recipe (model=tiny_moe, model=paper_moe) and then "
+                        "override its keys" if parent == "model.moe" else
+                        f"; set the whole block ({parent}={{...}}) or choose a recipe that has one")
+                return f"{o}: {parent} is null in this recipe{hint}"
+    return None
+
+
 _SCIENTIFIC = re.compile(r"[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
 
 
@@ -544,6 +569,10 @@ def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:
             raise UserError(_explain(e)) from e
+        except AssertionError as e:  # OmegaConf.update under a null node (model.moe.top_k on a dense model)
+            if "Unexpected type for root" not in str(e):
+                raise
+            raise UserError(_explain_null_parent(overrides, config_name) or str(e)) from None
     from mixtrain.hf.importer import explain_model
 
     explain_model(cfg)  # model=from_hf: a model.hf_path that cannot be read is a UserError here

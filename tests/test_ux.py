@@ -333,6 +333,14 @@ def test_a_misspelt_key_or_recipe_names_the_nearest_valid_one():
     assert "\ttiny\n" in text and "_schema" not in text and "search path" not in text
 
 
+def test_a_key_under_a_null_block_says_which_block_and_what_to_do():
+    with pytest.raises(UserError) as e:
+        compose(["experiment=quickstart", "model.moe.top_k=2"])
+    assert str(e.value) == ("model.moe.top_k=2: model.moe is null in this recipe (a dense model): choose an MoE "
+                            "model recipe (model=tiny_moe, model=paper_moe) and then override its keys")
+    assert compose(["model=tiny_moe", "model.moe.top_k=1"]).model.moe.top_k == 1  # the way it says
+
+
 def test_mixtrain_train_answers_a_misspelt_key_itself(tmp_path):
     res = mixtrain_cli(["train", "optim.lrr=1e-3", f"run.root={tmp_path / 'runs'}"], tmp_path)
     assert res.returncode == 2 and "did you mean optim.lr?" in res.stderr and "Traceback" not in res.stderr
