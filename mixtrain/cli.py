@@ -33,8 +33,48 @@ import argparse
 import json
 import os
 import sys
+from typing import Optional
 
 COMMANDS = ("train", "layout", "export")
+
+
+def _sweep_problem(args: list[str]) -> Optional[str]:
+    """What refuses a whole sweep before any point starts, in mixtrain's words: an error in
+    the overrides every point shares, or a swept key that is not a setting. A bad swept
+    *value* is left to its own point (recorded as failed; the other points run). The sweep's
+    first point is composed (each swept key at its first value); None when it composes."""
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    from mixtrain.config import compose
+    from mixtrain.errors import UserError
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - a malformed override: Hydra's own message says where
+        return None
+    fixed = [o.input_line for o in parsed if not o.is_sweep_override() and not o.is_hydra_override()]
+    first = list(fixed)
+    swept_keys = []
+    for o in parsed:
+        if o.is_sweep_override() and not o.is_hydra_override():
+            try:
+                value = next(iter(o.sweep_string_iterator()))
+            except Exception:  # noqa: BLE001 - a sweep form without a first value (interval): skip it
+                continue
+            first.append(f"{o.get_key_element()}={value}")
+            swept_keys.append(o.key_or_group)
+    try:
+        compose(first)
+        return None
+    except UserError as e:
+        message = str(e)
+    try:
+        compose(fixed)
+    except UserError as e:
+        return str(e)
+    if any(f"{key} is not a setting" in message for key in swept_keys):
+        return message
+    return None
 
 
 def _train_main() -> None:
@@ -103,6 +143,11 @@ def _train_main() -> None:
             compose(user_args)
         except UserError as e:
             print(f"mixtrain train: error: {e}", file=sys.stderr)
+            sys.exit(2)
+    elif any(a in ("-m", "--multirun") for a in user_args):
+        problem = _sweep_problem([a for a in user_args if not a.startswith("-")])
+        if problem:
+            print(f"mixtrain train -m: error: {problem}", file=sys.stderr)
             sys.exit(2)
     sys.argv = [sys.argv[0], *_sweep_overrides(user_args)]
     failed: list[str] = []

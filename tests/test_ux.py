@@ -333,6 +333,17 @@ def test_a_misspelt_key_or_recipe_names_the_nearest_valid_one():
     assert "\ttiny\n" in text and "_schema" not in text and "search path" not in text
 
 
+def test_a_sweep_with_a_misspelt_key_is_refused_before_any_point_runs():
+    from mixtrain.cli import _sweep_problem
+
+    hint = "train.max_tokns is not a setting; did you mean train.max_tokens?"
+    assert _sweep_problem(["experiment=quickstart", "train.max_tokns=5", "layout=ma,standard"]).endswith(hint)
+    assert _sweep_problem(["experiment=quickstart", "train.max_tokns=5,6", "layout=ma"]).endswith(hint)
+    # A bad swept value fails its own point only (the sweep records it; the others run).
+    assert _sweep_problem(["experiment=quickstart", "layout=bogus,ma"]) is None
+    assert _sweep_problem(["experiment=quickstart", "layout=ma,standard", "optim.lr=1e-3,3e-3"]) is None
+
+
 def test_a_key_under_a_null_block_says_which_block_and_what_to_do():
     with pytest.raises(UserError) as e:
         compose(["experiment=quickstart", "model.moe.top_k=2"])
