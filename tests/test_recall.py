@@ -193,7 +193,7 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     cfg = compose([
         "experiment=recall", "model.n_layers=2", "layout=standard", "trainer.progress_bar=false",
         "train.seq_len=32", "train.micro_batch_size=8", "train.global_batch_tokens=256", "train.max_tokens=1536",
-        "train.val_every_steps=3", "train.val_batches=2", "train.save_every_steps=3", "data.recall_pairs=4",
+        "train.val_every_steps=3", "train.val_batches=2", "train.save_every_steps=3", "data.recall_pairs=4", "data.recall_gap=8",
         "data.recall_val_sequences=16", f"run.root={tmp_path}", "run.name=r",
     ])
     out = train(cfg)
