@@ -209,9 +209,9 @@ class RecallSpec:
         the block's last key. Nothing about a query's position tells which pair it asks."""
         S, n = self.slots, self.pairs
         far = self.min_gap // 2 + 1  # slot gap whose distance 2 * far exceeds the gap
-        start = int(rng.integers(0, S - far - 2 * n + 2))  # check() leaves room: S >= far + 2n - 1
-        if self.block == "first":
-            start = 0
+        # Drawn in both modes (check() leaves room: S >= far + 2n - 1), so "first" changes only the start.
+        drawn = int(rng.integers(0, S - far - 2 * n + 2))
+        start = 0 if self.block == "first" else drawn
         pair_slot = np.arange(start, start + n)
         first = start + n - 1 + far
         query_slot = np.sort(rng.choice(np.arange(first, S), n, replace=False))[rng.permutation(n)]
