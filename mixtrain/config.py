@@ -50,6 +50,7 @@ Strategy = _choice("Strategy", "auto", "ddp", "fsdp")
 ActivationCheckpointing = _choice("ActivationCheckpointing", "none", "full", "selective")
 LoggerKind = _choice("LoggerKind", "wandb", "csv", "none")
 LoggerMode = _choice("LoggerMode", "auto", "online", "offline", "disabled")
+LRSchedule = _choice("LRSchedule", "cosine", "wsd")
 
 
 @dataclass
@@ -225,6 +226,11 @@ class DataConfig:
     # Where beyond sequences put their block of pairs: "random" (any start that leaves
     # room) or "first" (the sequence's first slots, Zoology's MQAR layout).
     recall_block: str = "random"
+    # Queries of a beyond sequence (null: one per pair). More than recall_pairs asks each
+    # key several times (query i asks pair i % pairs, at a random slot): more answers to
+    # learn from per sequence, and answering by position still scores 1 / pairs when
+    # recall_pairs divides it.
+    recall_queries: Optional[int] = None
     # Validation placement (null: as training), sequences held out (their own seed stream).
     recall_val_placement: Optional[str] = None
     recall_val_sequences: int = 256
@@ -267,7 +273,11 @@ class OptimConfig:
     eps: float = 1e-8
     weight_decay: float = 0.1
     warmup_fraction: float = 0.05
-    # Cosine decay to lr * min_lr_ratio at the end of training.
+    # After warmup: "cosine" decays to lr * min_lr_ratio over the rest of training; "wsd"
+    # (warmup-stable-decay) holds lr, then decays linearly to lr * min_lr_ratio over the
+    # last decay_fraction of the steps.
+    schedule: LRSchedule = LRSchedule.cosine
+    decay_fraction: float = 0.2
     min_lr_ratio: float = 0.1
     grad_clip: float = 1.0
     # null: fused AdamW on CUDA, foreach elsewhere.

@@ -109,6 +109,28 @@ def test_beyond_queries_carry_no_position_hint():
     assert {int(min(first.sample(0, i)["key_pos"])) for i in range(20)} == {0}
     with pytest.raises(RecallError, match="data.recall_block='middle'"):
         spec.with_(block="middle").check()
+    # Several queries per key (data.recall_queries): every key asked equally often, every
+    # query still beyond the gap, the k-th query's pair still uniform, labels its pair's value.
+    dense = spec.with_(queries=12)
+    cells = torch.zeros(12, 4)
+    for i in range(1200):
+        s, ex = dense.sample(0, i), dense.example(0, i)
+        kp = sorted(set(s["key_pos"].tolist()))
+        assert len(s["query_pos"]) == 12 and min(s["query_pos"]) - kp[-1] > 30
+        assert sorted(s["key_pos"].tolist()) == sorted(kp * 3)
+        ids = ex["input_ids"]
+        for q, k, a in zip(s["query_pos"].tolist(), s["key_pos"].tolist(), s["answer"].tolist()):
+            assert ids[q] == ids[k] and ids[k + 1] == a == ex["labels"][q]
+        for rank, k in enumerate(s["key_pos"].tolist()):
+            cells[rank, kp.index(k)] += 1
+    assert ((cells / 1200) - 0.25).abs().max() < 0.06
+    assert (ex["labels"] != -100).sum() == 12
+    assert shortcut_counts(dense, 1, range(100)).tolist() == [0.0, 0.0, 300.0, 1200.0]
+    assert dense.with_(queries=None).sample(0, 5)["tokens"].tolist() == spec.sample(0, 5)["tokens"].tolist()
+    with pytest.raises(RecallError, match="data.recall_queries=3 must be at least data.recall_pairs=4"):
+        spec.with_(queries=3).check()
+    with pytest.raises(RecallError, match="40 queries"):
+        spec.with_(queries=40).check()
 
 
 def test_validation_and_eval_streams_never_repeat_training_sequences():
@@ -194,6 +216,7 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
         "experiment=recall", "model.n_layers=2", "layout=standard", "trainer.progress_bar=false",
         "train.seq_len=32", "train.micro_batch_size=8", "train.global_batch_tokens=256", "train.max_tokens=1536",
         "train.val_every_steps=3", "train.val_batches=2", "train.save_every_steps=3", "data.recall_pairs=4", "data.recall_gap=8",
+        "data.recall_queries=8",
         "data.recall_val_sequences=16", f"run.root={tmp_path}", "run.name=r",
     ])
     out = train(cfg)
@@ -202,16 +225,23 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     m = result["metrics"]
     for key in ("val/recall_within", "val/recall_beyond", "val/recall"):
         assert 0.0 <= m[key] <= 1.0, key
-    # 16 validation sequences x 4 queries, all scored: the overall accuracy is a multiple of 1/64.
-    assert abs(m["val/recall"] * 64 - round(m["val/recall"] * 64)) < 1e-4
+    # 16 validation sequences (mixed: 8 queries when beyond, 4 when within), all scored: the
+    # overall accuracy is a multiple of 1 / (their number of queries).
+    from mixtrain.data.recall import spec_from_config
+
+    val_spec = spec_from_config(cfg.data, 32).with_(placement="mixed")
+    n = sum(len(val_spec.sample(1, i)["query_pos"]) for i in range(16))
+    assert 64 < n < 128
+    assert abs(m["val/recall"] * n - round(m["val/recall"] * n)) < 1e-4
     assert main(["--model", str(tmp_path / "r"), "--tasks", "recall", "--lengths", "32,64", "--samples", "8",
                  "--batch-size", "4"]) == 0
     saved = json.loads((tmp_path / "r" / "eval" / "recall.json").read_text())  # beside the run
     assert saved["by_length"].keys() == {"32", "64"}
-    assert saved["settings"]["pairs"] == 4 and saved["settings"]["window"] == 8
+    assert saved["settings"]["pairs"] == 4 and saved["settings"]["window"] == 8 and saved["settings"]["queries"] == 8
     r64 = saved["by_length"]["64"]
-    assert r64["queries_within"] + r64["queries_beyond"] == 8 * 4
-    assert sum(b["queries"] for b in r64["buckets"]) == 8 * 4
+    n64 = sum(len(spec_from_config(cfg.data, 64).with_(placement="mixed").sample(2, i)["query_pos"]) for i in range(8))
+    assert r64["queries_within"] + r64["queries_beyond"] == n64 and r64["queries_within"] % 4 == 0
+    assert r64["queries_beyond"] % 8 == 0 and sum(b["queries"] for b in r64["buckets"]) == n64
     assert 0.0 <= r64["shortcut_within"] <= 1.0  # answering by position, on the same sequences
     assert r64["shortcut_beyond"] == 0.25  # beyond sequences: exactly 1 / pairs
     # The same numbers as scoring the loaded model directly (and the run's own seed stream 2).

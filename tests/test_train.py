@@ -345,3 +345,18 @@ def test_gpu_only_kernels_are_refused_on_cpu_before_anything_is_made(shared_cach
     with pytest.raises(UserError, match=r"^no GPU is visible, and megablocks runs on CUDA only\. .*model\.moe\.impl=native"):
         run(shared_cache, tmp_path, "mb", "model=tiny_moe", "model.moe.impl=megablocks")
     assert not (tmp_path / "flex").exists() and not (tmp_path / "mb").exists()
+
+
+def test_lr_schedules_warmup_cosine_and_warmup_stable_decay():
+    """The multiplier of the peak lr at each step: cosine (the default) and wsd, by hand."""
+    from mixtrain.train.module import lr_lambda
+
+    # 100 steps, 10 of warmup, down to 0.1.
+    assert [lr_lambda(s, 100, 10, 0.1) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_lambda(55, 100, 10, 0.1) == pytest.approx(0.55)  # cosine halfway: (1 + 0.1) / 2
+    assert lr_lambda(100, 100, 10, 0.1) == pytest.approx(0.1)
+    wsd = [lr_lambda(s, 100, 10, 0.1, "wsd", 0.2) for s in (9, 10, 50, 80, 90, 100, 120)]
+    assert wsd == pytest.approx([1.0, 1.0, 1.0, 1.0, 0.55, 0.1, 0.1])
+    assert compose(["optim.schedule=wsd"]).optim.schedule == "wsd"
+    with pytest.raises(UserError, match=r"optim\.schedule.*cosine.*wsd"):
+        compose(["optim.schedule=linear"])

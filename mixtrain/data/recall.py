@@ -48,6 +48,13 @@ key position of its pair and W = ``data.recall_window`` (the sliding window):
   ``mixtrain eval --tasks recall`` prints the by-position score beside the accuracies);
 - ``mixed``: each sequence is a ``beyond`` or a ``within`` one with probability 1/2.
 
+``data.recall_queries`` (beyond sequences; default one per pair) asks each key several
+times: query i asks pair i % pairs, the queries shuffled over the free slots after the
+gap. Each answer is a training signal, so more queries per sequence mean more of them per
+step for the same compute, while answering by position still scores 1 / recall_pairs
+(exactly, when recall_pairs divides recall_queries). The answer is never written after a
+query, so an earlier query of the same key gives nothing away.
+
 Why the block: with pairs scattered at random and each query somewhere after its own pair,
 "the most recent pair at least W back" is right 0.77 / 0.54 / 0.35 of the time for
 2 / 4 / 8 pairs, and small models settle on that shortcut instead of learning retrieval.
@@ -93,6 +100,7 @@ class RecallSpec:
     seed: int = 1234
     gap: Optional[int] = None  # beyond: the smallest query-to-pair distance (None: the window)
     block: str = "random"  # beyond: where the block of pairs starts ("random" or "first")
+    queries: Optional[int] = None  # beyond: queries per sequence (None: one per pair)
 
     # ---- token ids
     @property
@@ -143,13 +151,20 @@ class RecallSpec:
             )
         if self.block not in BLOCKS:
             raise RecallError(f"data.recall_block={self.block!r} is not known; use one of {list(BLOCKS)}")
+        if self.queries is not None and self.queries < self.pairs:
+            raise RecallError(
+                f"data.recall_queries={self.queries} must be at least data.recall_pairs={self.pairs} "
+                f"(every key is asked at least once; null: one query per pair)"
+            )
         if self.gap is not None and self.gap < 0:
             raise RecallError(f"data.recall_gap={self.gap} must be at least 0 (null: the window)")
         # The sequence must hold every pair and its query, with beyond-window room.
         need = 2 * self.pairs + (self.min_gap // 2 if self.placement != "within" else 0)
+        if self.placement != "within":
+            need = self.pairs + self.n_queries + self.min_gap // 2
         if self.slots < need:
             raise RecallError(
-                f"seq_len={self.seq_len} has {self.slots} 2-token slots; {self.pairs} pairs, their {self.pairs} queries "
+                f"seq_len={self.seq_len} has {self.slots} 2-token slots; {self.pairs} pairs, their {self.n_queries} queries "
                 f"and a gap of {self.min_gap} tokens between the pairs and the beyond-window queries need at least "
                 f"{need} (seq_len >= {2 * need - 1}); raise train.seq_len or lower data.recall_pairs / recall_gap / "
                 f"recall_window"
@@ -183,20 +198,26 @@ class RecallSpec:
                 return None
             pair_slot, query_slot = got
         n = self.pairs
+        asks = np.arange(len(query_slot)) % n  # query i asks pair i % n (its slot is random)
         keys = rng.choice(self.keys, n, replace=False) + self.key0
         values = rng.choice(self.values, n, replace=False) + self.value0
         slots = rng.integers(1, 1 + self.filler, size=(self.seq_len // 2 + 1, 2))  # + a filler tail
         slots[pair_slot, 0], slots[pair_slot, 1] = keys, values
-        slots[query_slot, 0] = keys  # the token after a query stays filler: see the module docstring
+        slots[query_slot, 0] = keys[asks]  # the token after a query stays filler: see the module docstring
         tokens = slots.reshape(-1)[: self.seq_len + 1]
         order = np.argsort(query_slot)
         return {
             "tokens": tokens.astype(np.int64),
             "query_pos": 2 * query_slot[order],
-            "key_pos": 2 * pair_slot[order],
-            "distance": 2 * (query_slot[order] - pair_slot[order]),
-            "answer": values[order].astype(np.int64),
+            "key_pos": 2 * pair_slot[asks][order],
+            "distance": 2 * (query_slot[order] - pair_slot[asks][order]),
+            "answer": values[asks][order].astype(np.int64),
         }
+
+    @property
+    def n_queries(self) -> int:
+        """Queries of a beyond sequence (``data.recall_queries``, default one per pair)."""
+        return self.pairs if self.queries is None else int(self.queries)
 
     @property
     def min_gap(self) -> int:
@@ -207,14 +228,16 @@ class RecallSpec:
         """The pairs in one block of adjacent slots at a random start; the queries, one per
         key in a random order, at random free slots at least ``min_gap`` + 1 tokens after
         the block's last key. Nothing about a query's position tells which pair it asks."""
-        S, n = self.slots, self.pairs
+        S, n, q = self.slots, self.pairs, self.n_queries
         far = self.min_gap // 2 + 1  # slot gap whose distance 2 * far exceeds the gap
-        # Drawn in both modes (check() leaves room: S >= far + 2n - 1), so "first" changes only the start.
-        drawn = int(rng.integers(0, S - far - 2 * n + 2))
+        # Drawn in both modes (check() leaves room: S >= far + n + q - 1), so "first" changes only the start.
+        drawn = int(rng.integers(0, S - far - n - q + 2))
         start = 0 if self.block == "first" else drawn
         pair_slot = np.arange(start, start + n)
         first = start + n - 1 + far
-        query_slot = np.sort(rng.choice(np.arange(first, S), n, replace=False))[rng.permutation(n)]
+        # Query i asks pair i % n (each key q / n times when n divides q) at a random one of
+        # the free slots: the permutation decides which query sits where.
+        query_slot = np.sort(rng.choice(np.arange(first, S), q, replace=False))[rng.permutation(q)]
         return pair_slot, query_slot
 
     def _within_slots(self, rng: np.random.Generator) -> Optional[tuple[np.ndarray, np.ndarray]]:
@@ -270,6 +293,7 @@ def spec_from_config(cfg: Any, seq_len: int, model_vocab_size: Optional[int] = N
         seq_len=int(seq_len), pairs=c.recall_pairs, keys=c.recall_keys, values=c.recall_values,
         filler=c.recall_filler, window=int(c.recall_window), placement=c.recall_placement, seed=c.seed,
         gap=None if c.recall_gap is None else int(c.recall_gap), block=c.recall_block,
+        queries=None if c.recall_queries is None else int(c.recall_queries),
     ).check(model_vocab_size)
 
 

@@ -152,7 +152,8 @@ def check_optim(o: DictConfig) -> None:
     if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
         raise UserError(f"optim.betas={list(o.betas)} must be two numbers in [0, 1) (e.g. optim.betas=[0.9,0.95])")
     for key, low, high in (("eps", 0, None), ("weight_decay", 0, None), ("grad_clip", 0, None),
-                           ("warmup_fraction", 0, 1), ("min_lr_ratio", 0, 1)):
+                           ("warmup_fraction", 0, 1), ("min_lr_ratio", 0, 1),
+                           ("decay_fraction", 0, 1)):
         v = o[key]
         if v < low or (high is not None and v > high) or (key == "eps" and v <= 0):
             bound = f"in [{low}, {high}]" if high is not None else ("positive" if key == "eps" else "at least 0")

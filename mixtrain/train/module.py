@@ -18,10 +18,17 @@ from mixtrain.train.loss import StepLoss, lm_loss  # noqa: F401  (lm_loss: `mixt
 from mixtrain.train.parallel import parallelize
 
 
-def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float) -> float:
-    """Linear warmup to 1, then cosine decay to ``min_ratio`` at ``total_steps``."""
+def lr_lambda(step: int, total_steps: int, warmup_steps: int, min_ratio: float,
+              schedule: str = "cosine", decay_fraction: float = 0.2) -> float:
+    """Linear warmup to 1, then ``cosine`` decay to ``min_ratio`` at ``total_steps``, or
+    ``wsd``: 1 until the last ``decay_fraction`` of the steps, then linear to ``min_ratio``."""
     if warmup_steps > 0 and step < warmup_steps:
         return (step + 1) / warmup_steps
+    if str(schedule) == "wsd":
+        decay_steps = max(1, int(round(decay_fraction * total_steps)))
+        start = max(warmup_steps, total_steps - decay_steps)
+        progress = min(1.0, max(0, step - start) / max(1, total_steps - start))
+        return 1.0 - (1.0 - min_ratio) * progress
     progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
     return min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
@@ -161,7 +168,7 @@ class LMModule(L.LightningModule):
         opt = torch.optim.AdamW(groups, lr=oc.lr, betas=tuple(oc.betas), eps=oc.eps, **kwargs)
         warmup = int(round(oc.warmup_fraction * self.total_steps))
         sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: lr_lambda(s, self.total_steps, warmup, oc.min_lr_ratio)
+            opt, lambda s: lr_lambda(s, self.total_steps, warmup, oc.min_lr_ratio, oc.schedule, oc.decay_fraction)
         )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
