@@ -512,6 +512,20 @@ def _explain(e: BaseException) -> str:
     return _clean_hydra_message("\n".join(parts))
 
 
+def _explain_mapping_into_null(overrides: list[str], error: str) -> str:
+    """``layout.shared_attention={3: 2}`` where the recipe leaves the mapping null: OmegaConf
+    cannot merge a command-line mapping into a null node; say so and what works instead."""
+    m = re.search(r"full_key: ([\w.]+)", error)
+    key = m.group(1) if m else None
+    bad = [o for o in overrides if o.partition("=")[0].lstrip("+") == key] if key else []
+    where = bad[0] if bad else (key or "a mapping override")
+    return (f"{where}: this recipe leaves {key or 'that setting'} null, and a mapping cannot be set into a null "
+            f"setting from the command line; write it in a recipe file instead (a layout recipe with "
+            f"shared_attention or foundry like recipes/layout/shared_attention_example.yaml, in a folder named "
+            f"in MIXTRAIN_RECIPES, then layout=<its name>); single entries of a mapping the recipe sets can be "
+            f"overridden")
+
+
 def _explain_null_parent(overrides: list[str], config_name: str) -> Optional[str]:
     """The override that sets a key under a node the recipe leaves null (``model.moe.top_k=2``
     on a dense model, whose ``model.moe`` is null), in words; None when none is found."""
@@ -579,11 +593,42 @@ def compose(overrides: Optional[list[str]] = None, config_name: str = "train"):
             cfg = hydra_compose(config_name=config_name, overrides=overrides)
         except (HydraException, OmegaConfBaseException) as e:
             raise UserError(_explain(e)) from e
+        except AttributeError as e:  # OmegaConf cannot merge a mapping into a null node
+            if "'NoneType' object has no attribute 'get'" not in str(e):
+                raise
+            raise UserError(_explain_mapping_into_null(overrides, str(e))) from None
         except AssertionError as e:  # OmegaConf.update under a null node (model.moe.top_k on a dense model)
             if "Unexpected type for root" not in str(e):
                 raise
             raise UserError(_explain_null_parent(overrides, config_name) or str(e)) from None
+    _refuse_added_keys(cfg)
     from mixtrain.hf.importer import explain_model
 
     explain_model(cfg)  # model=from_hf: a model.hf_path that cannot be read is a UserError here
     return cfg
+
+
+def _refuse_added_keys(cfg: Any, schema: Any = None, prefix: str = "") -> None:
+    """A key that no schema declares (``+layout.presett=ma``: ``+`` lets Hydra add it) would
+    be read by nothing: refuse it, naming the nearest setting."""
+    import dataclasses
+    import typing
+
+    from omegaconf import DictConfig
+
+    from mixtrain.errors import UserError
+
+    schema = schema or MixtrainConfig
+    hints = typing.get_type_hints(schema)
+    fields = [f.name for f in dataclasses.fields(schema)]
+    for key in cfg.keys():
+        dotted = f"{prefix}{key}"
+        if key not in fields:
+            raise UserError(
+                f"{dotted} is not a setting{_nearest(key, fields).replace('mean ', 'mean ' + prefix)}; nothing would read "
+                f"it (a '+' override adds a key, it does not make one a setting). See `mixtrain recipes`"
+            )
+        sub = [a for a in (hints[key], *typing.get_args(hints[key])) if dataclasses.is_dataclass(a)]
+        node = cfg._get_node(key)
+        if sub and isinstance(node, DictConfig) and not node._is_none() and not node._is_missing():
+            _refuse_added_keys(node, sub[0], dotted + ".")

@@ -416,3 +416,20 @@ def test_a_later_stage_says_what_it_loaded_and_what_trains(shared_cache, trained
     line = next(l for l in out.splitlines() if l.startswith("trainable parameters: "))
     trainable, total = (int(x.replace(",", "")) for x in line.split(": ")[1].split(" (")[0].split(" of "))
     assert 0 < trainable < total and line.endswith("(attention only)")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["+layout.presett=ma"], r"layout\.presett is not a setting; did you mean layout\.preset\?"),
+    (["+foo=1"], r"^foo is not a setting; nothing would read it"),
+    (["layout.shared_attention={3: 2}"], r"layout\.shared_attention=\{3: 2\}: this recipe leaves layout\.shared_attention "
+                                         r"null.*MIXTRAIN_RECIPES"),
+])
+def test_keys_nothing_reads_and_mappings_into_null_are_refused_in_words(overrides, message):
+    from mixtrain.config import compose
+    from mixtrain.errors import UserError
+
+    with pytest.raises(UserError, match=message):
+        compose(overrides)
+    # What does work: a mapping the recipe sets takes single entries from the command line.
+    cfg = compose(["layout=shared_attention_example", "layout.shared_attention={3: 2}"])
+    assert dict(cfg.layout.shared_attention) == {2: 1, 3: 2, 14: 13, 15: -2}
