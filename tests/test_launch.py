@@ -19,6 +19,7 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 TORCHRUN = REPO / "launch" / "torchrun.sh"
 SBATCH = REPO / "launch" / "slurm.sbatch"
+RECALL_SWEEP = REPO / "launch" / "recall_sweep.sh"
 
 
 def sh(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedProcess:
@@ -26,7 +27,7 @@ def sh(cmd: list[str], env: dict | None = None, **kw) -> subprocess.CompletedPro
     return subprocess.run(cmd, env={**base, **(env or {})}, capture_output=True, text=True, timeout=600, **kw)
 
 
-@pytest.mark.parametrize("script", [TORCHRUN, SBATCH])
+@pytest.mark.parametrize("script", [TORCHRUN, SBATCH, RECALL_SWEEP])
 def test_scripts_parse(script):
     proc = sh(["bash", "-n", str(script)])
     assert proc.returncode == 0, proc.stderr
@@ -224,3 +225,33 @@ def test_submitit_local_launcher_runs_points_in_their_own_processes(shared_cache
     sweep = sweep_dir(root)
     assert json.loads((sweep / "0-layout=standard" / "result.json").read_text())["status"] == "completed"
     assert json.loads((sweep / "1-layout=ma_successive_1" / "result.json").read_text())["status"] == "failed"
+
+
+def test_recall_sweep_deals_layouts_into_one_thread_sweeps():
+    proc = sh(["bash", str(RECALL_SWEEP), "--dry-run", "--out", "o", "--jobs", "2", "optim.lr=1e-3"])
+    assert proc.returncode == 0, proc.stderr
+    lines = proc.stdout.splitlines()
+    assert lines[0] == ("OMP_NUM_THREADS=1 mixtrain train -m experiment=recall layout=standard,ma,ma_offset "
+                        "run.root=o/sweep-0 optim.lr=1e-3")
+    assert lines[1].split()[5:7] == ["layout=swa,ma_endslide,ma_pairs_6", "run.root=o/sweep-1"]
+    assert lines[-1] == "mixtrain compare o/sweep-*/sweeps/* --out o/compare"
+    bad = sh(["bash", str(RECALL_SWEEP), "--jobs", "two"])
+    assert bad.returncode == 2 and "--jobs two is not a positive whole number" in bad.stderr
+
+
+@pytest.mark.slow
+def test_recall_sweep_trains_scores_and_compares_every_layout(tmp_path):
+    """launch/recall_sweep.sh end to end, tiny: two parallel sweeps, an eval per run, one compare."""
+    out = tmp_path / "r"
+    proc = sh(["bash", str(RECALL_SWEEP), "--out", str(out), "--jobs", "2", "--layouts", "swa,ma_offset",
+               "train.max_tokens=4096", "train.val_every_steps=1", "train.val_batches=1", "train.save_every_steps=2",
+               "data.recall_val_sequences=16", "trainer.progress_bar=false"], cwd=tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    runs = sorted(out.glob("sweep-*/sweeps/*/*-layout=*"))
+    assert [r.name.split("=")[1] for r in runs] == ["swa", "ma_offset"]
+    for run in runs:
+        rec = json.loads((run / "eval" / "recall.json").read_text())
+        assert set(rec["by_length"]) == {"64", "128"} and rec["settings"]["queries"] == 16
+    assert (out / "compare" / "recall.png").stat().st_size > 1000
+    table = (out / "compare" / "compare.csv").read_text()
+    assert "ma_offset" in table and "swa" in table
