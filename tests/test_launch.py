@@ -247,11 +247,12 @@ def test_recall_sweep_trains_scores_and_compares_every_layout(tmp_path):
                "train.max_tokens=4096", "train.val_every_steps=1", "train.val_batches=1", "train.save_every_steps=2",
                "data.recall_val_sequences=16", "trainer.progress_bar=false"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
-    runs = sorted(out.glob("sweep-*/sweeps/*/*-layout=*"))
-    assert [r.name.split("=")[1] for r in runs] == ["swa", "ma_offset"]
+    runs = sorted(r.parent for r in out.glob("sweep-*/sweeps/*/*/result.json"))
+    assert len(runs) == 2 and [r.parts[-4] for r in runs] == ["sweep-0", "sweep-1"]
     for run in runs:
         rec = json.loads((run / "eval" / "recall.json").read_text())
         assert set(rec["by_length"]) == {"64", "128"} and rec["settings"]["queries"] == 16
     assert (out / "compare" / "recall.png").stat().st_size > 1000
-    table = (out / "compare" / "compare.csv").read_text()
-    assert "ma_offset" in table and "swa" in table
+    rows = json.loads((out / "compare" / "compare.json").read_text())["runs"]
+    assert sorted(r["layout"] for r in rows) == ["ma_offset", "swa"]
+    assert all(r["recall_beyond"] is not None for r in rows)
