@@ -159,9 +159,7 @@ class RecallSpec:
         if self.gap is not None and self.gap < 0:
             raise RecallError(f"data.recall_gap={self.gap} must be at least 0 (null: the window)")
         # The sequence must hold every pair and its query, with beyond-window room.
-        need = 2 * self.pairs + (self.min_gap // 2 if self.placement != "within" else 0)
-        if self.placement != "within":
-            need = self.pairs + self.n_queries + self.min_gap // 2
+        need = 2 * self.pairs if self.placement == "within" else self.pairs + self.n_queries + self.min_gap // 2
         if self.slots < need:
             raise RecallError(
                 f"seq_len={self.seq_len} has {self.slots} 2-token slots; {self.pairs} pairs, their {self.n_queries} queries "
@@ -206,11 +204,12 @@ class RecallSpec:
         slots[query_slot, 0] = keys[asks]  # the token after a query stays filler: see the module docstring
         tokens = slots.reshape(-1)[: self.seq_len + 1]
         order = np.argsort(query_slot)
+        asked = pair_slot[asks][order]  # each query's pair slot, queries in position order
         return {
             "tokens": tokens.astype(np.int64),
             "query_pos": 2 * query_slot[order],
-            "key_pos": 2 * pair_slot[asks][order],
-            "distance": 2 * (query_slot[order] - pair_slot[asks][order]),
+            "key_pos": 2 * asked,
+            "distance": 2 * (query_slot[order] - asked),
             "answer": values[asks][order].astype(np.int64),
         }
 
