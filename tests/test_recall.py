@@ -248,7 +248,9 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     model, mcfg = load_model(tmp_path / "r")
     res = evaluate(model, mcfg, tmp_path / "again", lengths=[32, 64], samples=8, batch_size=4)
     assert res["by_length"] == saved["by_length"] and saved["settings"]["eval_stream"] == 2
-    assert "beyond (d>W)" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "beyond (d>W)" in printed and "where the heads look" in printed
+    assert saved["attention"]["length"] == 32 and [l["layer"] for l in saved["attention"]["layers"]] == [0, 1]
     # compare: a column pair and a bar chart per layout.
     from mixtrain.report.recall import plot_recall, run_recall
 
@@ -263,3 +265,51 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
     assert "recall d<=W" in header and "recall d>W" in header
     assert f"{saved['by_length']['32']['recall_beyond']:.4f}" in row
     assert res["files"]["recall"].is_file()
+
+
+def test_attention_map_reads_where_heads_look(capsys):
+    """With every query projection zeroed, each layer attends evenly to the tokens it sees,
+    so the map's figures follow from the positions alone: a global query at position q puts
+    1/(q+1) on its answer and (pairs-1)/(q+1) on the other values, a sliding one beyond the
+    window puts nothing there, and each value's weight on its key is 1/(tokens visible)."""
+    from mixtrain.config import compose
+    from mixtrain.eval.recall import attention_map, format_attention, retrieving_heads
+    from mixtrain.layouts import build_layout
+    from mixtrain.model import build_model
+
+    cfg = compose(["experiment=recall", "model.n_layers=4", "layout.preset=null", "layout.layers=['G','s','G<0','G^0']"])
+    layout = build_layout(cfg.layout, 4, cfg.model.sliding_window)
+    model = build_model(cfg.model, layout, device="cpu", seed=0).eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 64))
+    before = model(ids).logits
+    probs = model.attention_probabilities(ids)
+    assert len(probs) == 4 and torch.equal(probs[3], probs[0])  # layer 3 shares layer 0's probabilities
+    assert torch.allclose(probs[1].sum(-1), torch.ones(2, 4, 64)) and probs[1][0, :, 40, :32].abs().max() == 0
+    assert torch.equal(model(ids).logits, before)  # the model's own forward is left as it was
+    for block in model.layers:
+        if hasattr(block.attn, "wq"):
+            torch.nn.init.zeros_(block.attn.wq.weight)
+    spec = spec_from_config(cfg.data, 64)
+    amap = attention_map(model, spec, samples=6, batch_size=4)
+    seqs = [spec.with_(placement="beyond").sample(2, i) for i in range(6)]  # eval stream of seed 0
+    q = torch.cat([torch.from_numpy(s["query_pos"]) for s in seqs]).double()
+    v = torch.cat([torch.from_numpy(s["pair_pos"]) for s in seqs]).double() + 1
+    for i in (0, 2, 3):  # global: spread over the q + 1 visible tokens
+        layer = amap["layers"][i]
+        assert layer["answer"] == pytest.approx([float((1 / (q + 1)).mean())] * 4, abs=1e-4)
+        assert layer["other_values"] == pytest.approx([float((3 / (q + 1)).mean())] * 4, abs=1e-4)
+        assert layer["previous_token"] == pytest.approx([float((1 / (v + 1)).mean())] * 4, abs=1e-4)
+    sliding = amap["layers"][1]
+    assert sliding["answer"] == [0.0] * 4 and sliding["other_values"] == [0.0] * 4
+    assert sliding["previous_token"] == pytest.approx([float((1 / (v + 1).clamp(max=8)).mean())] * 4, abs=1e-4)
+    assert sliding["previous_token_uniform"] == pytest.approx(float((1 / (v + 1).clamp(max=8)).mean()), abs=1e-4)
+    assert [l["attention"] for l in amap["layers"]] == ["global", "sliding 8", "global, K/V of L0",
+                                                         "global, probabilities of L0"]
+    assert retrieving_heads(amap) == []
+    # The verdict: a head with most of its attention on the answer retrieves; one that
+    # spreads evenly over the values is the bag of values.
+    amap["layers"][2]["answer"][1], amap["layers"][2]["other_values"][1] = 0.9, 0.05
+    amap["layers"][0]["answer"][0], amap["layers"][0]["other_values"][0] = 0.2, 0.6
+    assert retrieving_heads(amap) == [(2, 1)]
+    text = format_attention(amap)
+    assert "retrieves by content: L2 (heads 1)" in text and "(the bag of values, no key matching): L0" in text

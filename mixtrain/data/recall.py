@@ -173,7 +173,8 @@ class RecallSpec:
     def sample(self, stream: int, index: int) -> dict[str, np.ndarray]:
         """Sequence ``index`` of seed stream ``stream``: ``tokens`` [seq_len + 1] and, per
         query, ``query_pos`` (position of the query's key token), ``key_pos`` (position of
-        its pair's key token), ``distance`` (query_pos - key_pos) and ``answer`` (value id)."""
+        its pair's key token), ``distance`` (query_pos - key_pos) and ``answer`` (value id);
+        and ``pair_pos``, the key positions of all pairs."""
         rng = np.random.default_rng([int(self.seed) & 0xFFFFFFFF, int(stream), int(index)])
         for _ in range(1000):
             got = self._try(rng)
@@ -211,6 +212,7 @@ class RecallSpec:
             "key_pos": 2 * asked,
             "distance": 2 * (query_slot[order] - asked),
             "answer": values[asks][order].astype(np.int64),
+            "pair_pos": np.sort(2 * pair_slot),  # every pair's key position (its value follows)
         }
 
     @property

@@ -17,7 +17,9 @@ task's ids: fine-tune it first (``mixtrain train data=recall train.init_from=<ex
 Writes ``<out>/recall.json``: ``by_length`` {length: {recall_within, recall_beyond,
 recall, queries_within, queries_beyond, buckets: [{lo, hi, accuracy, queries}]}},
 ``recall_within``/``recall_beyond``/``recall`` (over all lengths), the task settings,
-and the model/layout names; ``mixtrain compare`` reads it.
+the model/layout names, and ``attention`` (:func:`attention_map` at the first length:
+which layer retrieves, which one only spreads over the values, where the previous-token
+heads are); ``mixtrain compare`` reads it.
 """
 
 from __future__ import annotations
@@ -32,6 +34,7 @@ from mixtrain.data.recall import STREAMS, RecallSpec, recall_counts, recall_metr
 from mixtrain.errors import UserError
 
 EVAL_PLACEMENT = "mixed"  # both kinds of distance in every evaluation
+ATTENTION_SAMPLES = 64  # sequences behind the attention map (explicit attention in every layer)
 
 
 def spec_for_model(cfg: Any, length: int) -> RecallSpec:
@@ -89,6 +92,103 @@ def score_length(model, spec: RecallSpec, samples: int, seed: int = 0, batch_siz
     return out
 
 
+RETRIEVES_AT = 0.3  # a head "retrieves" with at least this much on the answer's value ...
+BAG_RATIO = 2.0  # ... and this many times what it puts on another pair's value, on average
+
+
+def layer_role(index: int, spec) -> str:
+    """``global``, ``sliding 8``, plus where its K/V or probabilities come from."""
+    kind = "global" if spec.kind == "global" else f"sliding {spec.window}"
+    if spec.attn_source is not None:
+        return f"{kind}, probabilities of L{spec.attn_source}"
+    return kind if spec.kv_source == index else f"{kind}, K/V of L{spec.kv_source}"
+
+
+@torch.no_grad()
+def attention_map(model, spec: RecallSpec, samples: int = 64, seed: int = 0, batch_size: int = 8) -> dict[str, Any]:
+    """Where each layer's heads look on ``beyond`` sequences of ``spec`` (every query more
+    than W after every pair): per layer and head, the mean attention of a query on the
+    value that answers it (``answer``), on the other pairs' values together
+    (``other_values``), and of each pair's value on its own key, the token before it
+    (``previous_token``). Retrieval beyond the window needs both: a head before the
+    retrieving layer that writes each key into the value after it (previous token), and a
+    global head whose keys, computed after that, match the query (answer >> other values).
+    A global layer that reads layer 0's K/V can only spread over the values (answer =
+    other values / (pairs - 1): the bag of values). ``previous_token_uniform`` per layer:
+    what attending evenly to every visible token would put on the previous token."""
+    beyond = spec.with_(placement="beyond").check()
+    stream = STREAMS["eval"] + int(seed)  # the same stream as the accuracy (different sequences: other placement)
+    device = next(model.parameters()).device
+    layers = model.layout.layers
+    H = model.cfg.n_heads
+    sums = torch.zeros(len(layers), 3, H, dtype=torch.float64)  # answer, other values, previous token
+    uniform = torch.zeros(len(layers), dtype=torch.float64)  # previous token under uniform attention
+    n_queries = n_values = 0
+    for start in range(0, samples, batch_size):
+        seqs = [beyond.sample(stream, i) for i in range(start, min(samples, start + batch_size))]
+        ids = torch.stack([torch.from_numpy(s["tokens"][:-1]) for s in seqs]).to(device)
+        probs = [p.float().cpu() for p in model.attention_probabilities(ids)]
+        for b, s in enumerate(seqs):
+            q = torch.from_numpy(s["query_pos"])
+            answer = torch.from_numpy(s["key_pos"]) + 1
+            values = torch.from_numpy(s["pair_pos"]) + 1
+            for i, p in enumerate(probs):
+                rows = p[b][:, q]  # [H, queries, T]
+                on_answer = rows[:, torch.arange(len(q)), answer]  # [H, queries]
+                sums[i, 0] += on_answer.sum(1).double()
+                sums[i, 1] += (rows[:, :, values].sum(-1) - on_answer).sum(1).double()
+                sums[i, 2] += p[b][:, values, values - 1].sum(1).double()
+                seen = values + 1 if layers[i].kind == "global" else (values + 1).clamp(max=layers[i].window)
+                uniform[i] += (1.0 / seen.double()).sum()
+            n_queries += len(q)
+            n_values += len(values)
+    mean = sums / torch.tensor([n_queries, n_queries, n_values], dtype=torch.float64).view(1, 3, 1)
+    out_layers = []
+    for i, spec_i in enumerate(layers):
+        out_layers.append({"layer": i, "attention": layer_role(i, spec_i),
+                           "answer": [round(x, 4) for x in mean[i, 0].tolist()],
+                           "other_values": [round(x, 4) for x in mean[i, 1].tolist()],
+                           "previous_token": [round(x, 4) for x in mean[i, 2].tolist()],
+                           "previous_token_uniform": round(float(uniform[i]) / n_values, 4)})
+    return {"length": beyond.seq_len, "sequences": int(samples), "pairs": beyond.pairs, "layers": out_layers}
+
+
+def retrieving_heads(amap: dict[str, Any]) -> list[tuple[int, int]]:
+    """(layer, head) of the heads that retrieve by content: at least ``RETRIEVES_AT`` on the
+    answer and ``BAG_RATIO`` times the mean on another pair's value."""
+    others = max(1, amap["pairs"] - 1)
+    return [(l["layer"], h) for l in amap["layers"] for h, (a, o) in enumerate(zip(l["answer"], l["other_values"]))
+            if a >= RETRIEVES_AT and a >= BAG_RATIO * o / others]
+
+
+def format_attention(amap: dict[str, Any]) -> str:
+    """The attention map as a table (per layer: its best head on the answer, what that head
+    puts on the other values, the strongest previous-token head) and a verdict line."""
+    lines = [f"where the heads look ({amap['sequences']} sequences of length {amap['length']}, every query beyond "
+             f"the window; per layer the head with most attention on the answer, and the strongest head from each "
+             f"pair's value to its key)",
+             f"{'layer':>5}  {'attention':<28} {'on the answer':>14} {'on other values':>16} {'previous token':>15}"]
+    for l in amap["layers"]:
+        h = max(range(len(l["answer"])), key=lambda j: l["answer"][j])
+        g = max(range(len(l["previous_token"])), key=lambda j: l["previous_token"][j])
+        lines.append(f"{'L' + str(l['layer']):>5}  {l['attention']:<28} {l['answer'][h]:>9.2f} (h{h}) "
+                     f"{l['other_values'][h]:>16.2f} {l['previous_token'][g]:>10.2f} (h{g})  {l['previous_token_uniform']:>9.2f}")
+    heads = retrieving_heads(amap)
+    bag = sorted({l["layer"] for l in amap["layers"] for a, o in zip(l["answer"], l["other_values"])
+                  if a + o >= RETRIEVES_AT} - {l for l, _ in heads})
+    if bag:
+        lines.append("spread over the pairs' values (the bag of values, no key matching): "
+                     + ", ".join(f"L{l}" for l in bag))
+    if heads:
+        layers = sorted({l for l, _ in heads})
+        lines.append("retrieves by content: " + ", ".join(
+            f"L{l} (heads {', '.join(str(h) for k, h in heads if k == l)})" for l in layers))
+    else:
+        lines.append(f"no head retrieves by content (none puts >= {RETRIEVES_AT} on the answer and {BAG_RATIO:g}x "
+                     f"what it puts on another pair's value)")
+    return "\n".join(lines)
+
+
 def evaluate(model, cfg: Any, out_dir: str | Path, lengths: Sequence[int], samples: int = 64, seed: int = 0,
              batch_size: int = 16, names: Optional[dict] = None) -> dict[str, Any]:
     """Score ``model`` at every length, write ``recall.json``, print a table; return the result."""
@@ -98,12 +198,14 @@ def evaluate(model, cfg: Any, out_dir: str | Path, lengths: Sequence[int], sampl
         raise UserError(f"--seed {seed}: the recall task needs a seed >= 0")
     model.eval()
     by_length, total = {}, torch.zeros(4, dtype=torch.float64)
-    spec = None
+    spec = amap = None
     for length in lengths:
         spec = spec_for_model(cfg, int(length))
         got = score_length(model, spec, samples, seed, batch_size)
         total += torch.tensor(got.pop("_counts"), dtype=torch.float64)
         by_length[str(int(length))] = got
+        if amap is None:  # at the first length (the training length by default)
+            amap = attention_map(model, spec, min(samples, ATTENTION_SAMPLES), seed, max(1, batch_size // 2))
     result = {
         "task": "recall",
         **(names or {}),
@@ -114,11 +216,13 @@ def evaluate(model, cfg: Any, out_dir: str | Path, lengths: Sequence[int], sampl
                      "eval_stream": STREAMS["eval"] + int(seed), "samples": int(samples)},
         "chance": 1.0 / spec.pairs,
         "by_length": by_length,
+        "attention": amap,
     }
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     atomic_write_text(out / "recall.json", json.dumps(result, indent=2))
     print(format_table(result))
+    print(format_attention(amap))
     return result
 
 

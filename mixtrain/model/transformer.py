@@ -164,6 +164,29 @@ class Transformer(nn.Module):
 
     # -- forward ------------------------------------------------------------------------
 
+    @torch.no_grad()
+    def attention_probabilities(self, input_ids: Tensor) -> list[Tensor]:
+        """Every layer's attention probabilities ``[B, H, T, T]`` for ``input_ids`` (one
+        forward with the explicit softmax in every layer; inference only, and it keeps
+        ``n_layers`` such tensors: use short batches at long lengths). A layer that shares
+        an earlier layer's probabilities gets that layer's; a KV consumer's are its own
+        queries over its producer's keys."""
+        n = len(self.layers)
+        saved = self.prob_sources, self.dense_mask_keys
+        got: dict[int, Tensor] = {}
+        hooks = [block.register_forward_hook(lambda _m, _a, out, i=i: got.__setitem__(i, out[2]))
+                 for i, block in enumerate(self.layers)]
+        try:
+            self.prob_sources = list(range(n))
+            self.dense_mask_keys = list(self.layout.mask_keys)
+            self(input_ids)
+        finally:
+            self.prob_sources, self.dense_mask_keys = saved
+            for h in hooks:
+                h.remove()
+        return [got[i] if got.get(i) is not None else got[spec.attn_source]
+                for i, spec in enumerate(self.layout.layers)]
+
     def rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T] or [B, T] -> cos, sin [1 or B, 1, T, D/2]."""
         cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # [(B,) T, D/2]
