@@ -228,7 +228,7 @@ def test_submitit_local_launcher_runs_points_in_their_own_processes(shared_cache
 
 
 def test_recall_sweep_deals_layouts_into_one_thread_sweeps():
-    proc = sh(["bash", str(RECALL_SWEEP), "--dry-run", "--out", "o", "--jobs", "2", "optim.lr=1e-3"])
+    proc = sh(["bash", str(RECALL_SWEEP), "--dry-run", "--out", "o", "--jobs", "2", "--compile", "off", "optim.lr=1e-3"])
     assert proc.returncode == 0, proc.stderr
     lines = proc.stdout.splitlines()
     assert lines[0] == ("OMP_NUM_THREADS=1 mixtrain train -m experiment=recall layout=standard,ma,ma_offset "
@@ -237,13 +237,20 @@ def test_recall_sweep_deals_layouts_into_one_thread_sweeps():
     assert lines[-1] == "mixtrain compare o/sweep-*/sweeps/* --out o/compare"
     bad = sh(["bash", str(RECALL_SWEEP), "--jobs", "two"])
     assert bad.returncode == 2 and "--jobs two is not a positive whole number" in bad.stderr
+    on = sh(["bash", str(RECALL_SWEEP), "--dry-run", "--jobs", "1", "--compile", "on", "optim.lr=1e-3"])
+    assert on.stdout.splitlines()[0].endswith("trainer.compile=true optim.lr=1e-3")
+    # auto: torch.compile only where inductor finds a C++ compiler to build its CPU kernels with
+    bare = sh(["/bin/bash", str(RECALL_SWEEP), "--dry-run", "--jobs", "1", "--out", "o"], {"PATH": "/nonexistent", "CXX": ""})
+    assert "trainer.compile" not in bare.stdout and "no C++ compiler found" in bare.stderr
+    bad = sh(["bash", str(RECALL_SWEEP), "--compile", "maybe"])
+    assert bad.returncode == 2 and "--compile maybe is not one of auto, on, off" in bad.stderr
 
 
 @pytest.mark.slow
 def test_recall_sweep_trains_scores_and_compares_every_layout(tmp_path):
     """launch/recall_sweep.sh end to end, tiny: two parallel sweeps, an eval per run, one compare."""
     out = tmp_path / "r"
-    proc = sh(["bash", str(RECALL_SWEEP), "--out", str(out), "--jobs", "2", "--layouts", "swa,ma_offset",
+    proc = sh(["bash", str(RECALL_SWEEP), "--out", str(out), "--jobs", "2", "--layouts", "swa,ma_offset", "--compile", "off",
                "train.max_tokens=4096", "train.val_every_steps=1", "train.val_batches=1", "train.save_every_steps=2",
                "data.recall_val_sequences=16", "trainer.progress_bar=false"], cwd=tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
