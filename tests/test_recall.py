@@ -286,6 +286,9 @@ def test_attention_map_reads_where_heads_look(capsys):
     assert len(probs) == 4 and torch.equal(probs[3], probs[0])  # layer 3 shares layer 0's probabilities
     assert torch.allclose(probs[1].sum(-1), torch.ones(2, 4, 64)) and probs[1][0, :, 40, :32].abs().max() == 0
     assert torch.equal(model(ids).logits, before)  # the model's own forward is left as it was
+    handed = {}
+    assert model.attention_probabilities(ids, each=handed.__setitem__) is None  # one layer at a time
+    assert all(torch.equal(handed[i], probs[i]) for i in range(4))
     for block in model.layers:
         if hasattr(block.attn, "wq"):
             torch.nn.init.zeros_(block.attn.wq.weight)

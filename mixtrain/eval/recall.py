@@ -35,6 +35,7 @@ from mixtrain.errors import UserError
 
 EVAL_PLACEMENT = "mixed"  # both kinds of distance in every evaluation
 ATTENTION_SAMPLES = 64  # sequences behind the attention map (explicit attention in every layer)
+ATTENTION_BATCH_BYTES = 1 << 30  # at most this much of one layer's probabilities at a time (one sequence if more)
 
 
 def spec_for_model(cfg: Any, length: int) -> RecallSpec:
@@ -124,24 +125,28 @@ def attention_map(model, spec: RecallSpec, samples: int = 64, seed: int = 0, bat
     sums = torch.zeros(len(layers), 3, H, dtype=torch.float64)  # answer, other values, previous token
     uniform = torch.zeros(len(layers), dtype=torch.float64)  # previous token under uniform attention
     n_queries = n_values = 0
+    per_seq = 4 * H * beyond.seq_len ** 2  # bytes of one sequence's probabilities in one layer
+    batch_size = max(1, min(batch_size, ATTENTION_BATCH_BYTES // per_seq))
     for start in range(0, samples, batch_size):
         seqs = [beyond.sample(stream, i) for i in range(start, min(samples, start + batch_size))]
         ids = torch.stack([torch.from_numpy(s["tokens"][:-1]) for s in seqs]).to(device)
-        probs = [p.float().cpu() for p in model.attention_probabilities(ids)]
-        for b, s in enumerate(seqs):
-            q = torch.from_numpy(s["query_pos"])
-            answer = torch.from_numpy(s["key_pos"]) + 1
-            values = torch.from_numpy(s["pair_pos"]) + 1
-            for i, p in enumerate(probs):
-                rows = p[b][:, q]  # [H, queries, T]
-                on_answer = rows[:, torch.arange(len(q)), answer]  # [H, queries]
-                sums[i, 0] += on_answer.sum(1).double()
-                sums[i, 1] += (rows[:, :, values].sum(-1) - on_answer).sum(1).double()
-                sums[i, 2] += p[b][:, values, values - 1].sum(1).double()
-                seen = values + 1 if layers[i].kind == "global" else (values + 1).clamp(max=layers[i].window)
-                uniform[i] += (1.0 / seen.double()).sum()
-            n_queries += len(q)
-            n_values += len(values)
+        q = [torch.from_numpy(s["query_pos"]).to(device) for s in seqs]
+        answer = [torch.from_numpy(s["key_pos"]).to(device) + 1 for s in seqs]
+        values = [torch.from_numpy(s["pair_pos"]).to(device) + 1 for s in seqs]
+
+        def reduce(i: int, p: torch.Tensor) -> None:  # one layer's [B, H, T, T], then dropped
+            for b in range(len(seqs)):
+                rows = p[b][:, q[b]].float()  # [H, queries, T]
+                on_answer = rows[:, torch.arange(len(q[b]), device=rows.device), answer[b]]  # [H, queries]
+                sums[i, 0] += on_answer.sum(1).double().cpu()
+                sums[i, 1] += (rows[:, :, values[b]].sum(-1) - on_answer).sum(1).double().cpu()
+                sums[i, 2] += p[b][:, values[b], values[b] - 1].float().sum(1).double().cpu()
+                seen = values[b] + 1 if layers[i].kind == "global" else (values[b] + 1).clamp(max=layers[i].window)
+                uniform[i] += float((1.0 / seen.double()).sum())
+
+        model.attention_probabilities(ids, each=reduce)
+        n_queries += sum(len(x) for x in q)
+        n_values += sum(len(x) for x in values)
     mean = sums / torch.tensor([n_queries, n_queries, n_values], dtype=torch.float64).view(1, 3, 1)
     out_layers = []
     for i, spec_i in enumerate(layers):

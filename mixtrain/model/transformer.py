@@ -165,17 +165,31 @@ class Transformer(nn.Module):
     # -- forward ------------------------------------------------------------------------
 
     @torch.no_grad()
-    def attention_probabilities(self, input_ids: Tensor) -> list[Tensor]:
+    def attention_probabilities(self, input_ids: Tensor, each=None) -> Optional[list[Tensor]]:
         """Every layer's attention probabilities ``[B, H, T, T]`` for ``input_ids`` (one
-        forward with the explicit softmax in every layer; inference only, and it keeps
-        ``n_layers`` such tensors: use short batches at long lengths). A layer that shares
-        an earlier layer's probabilities gets that layer's; a KV consumer's are its own
-        queries over its producer's keys."""
+        forward with the explicit softmax in every layer; inference only). A layer that
+        shares an earlier layer's probabilities gets that layer's; a KV consumer's are its
+        own queries over its producer's keys. Returns the list, or, with ``each`` (a
+        callable ``each(layer, probs)``), hands each layer's over as it is computed and
+        keeps none beyond what the forward keeps anyway (long sequences: one layer's
+        ``B*H*T*T`` floats at a time)."""
         n = len(self.layers)
         saved = self.prob_sources, self.dense_mask_keys
+        sources = set(self.prob_sources)
         got: dict[int, Tensor] = {}
-        hooks = [block.register_forward_hook(lambda _m, _a, out, i=i: got.__setitem__(i, out[2]))
-                 for i, block in enumerate(self.layers)]
+
+        def hook(i: int):
+            spec = self.layout.layers[i]
+
+            def grab(_module, _args, out):
+                p = out[2] if out[2] is not None else got[spec.attn_source]
+                if each is None or i in sources:
+                    got[i] = p
+                if each is not None:
+                    each(i, p)
+            return grab
+
+        hooks = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.layers)]
         try:
             self.prob_sources = list(range(n))
             self.dense_mask_keys = list(self.layout.mask_keys)
@@ -184,8 +198,7 @@ class Transformer(nn.Module):
             self.prob_sources, self.dense_mask_keys = saved
             for h in hooks:
                 h.remove()
-        return [got[i] if got.get(i) is not None else got[spec.attn_source]
-                for i, spec in enumerate(self.layout.layers)]
+        return None if each is not None else [got[i] for i in range(n)]
 
     def rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T] or [B, T] -> cos, sin [1 or B, 1, T, D/2]."""
