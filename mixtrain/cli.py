@@ -77,6 +77,53 @@ def _sweep_problem(args: list[str]) -> Optional[str]:
     return None
 
 
+def _sweep_overrides(argv: list[str]) -> list[str]:
+    """Extra Hydra overrides for a sweep, added unless the user set them.
+
+    - Name each job's directory by the swept values only (``0-layout=standard``): the
+      overrides every point shares (paths included) are excluded from
+      ``hydra.job.override_dirname``; the full list stays in ``.hydra/overrides.yaml``.
+      A "sweep" of one point (nothing swept) is named by its overrides, not ``0-``.
+    - A Hydra callback that finds the failed points after the sweep, on any launcher.
+    Harmless in a single run (its directory does not use override_dirname).
+    """
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    args = [a for a in argv if not a.startswith("-")]
+    try:
+        parsed = OverridesParser.create().parse_overrides(args)
+    except Exception:  # noqa: BLE001 - let Hydra report the bad override itself
+        return argv
+    keys = {o.key_or_group for o in parsed}
+    extra = []
+    dirname_key = "hydra.job.config.override_dirname.exclude_keys"
+    if dirname_key not in keys:
+        swept = any(o.is_sweep_override() for o in parsed if not o.is_hydra_override())
+        # Nothing swept (``-m layout=swa``, one point): name the point by what it sets.
+        fixed = [o.key_or_group for o in parsed if swept and not o.is_hydra_override() and not o.is_sweep_override()]
+        exclude = list(dict.fromkeys([*_recipe_exclude_keys(), *fixed]))
+        extra.append(f"{dirname_key}=[" + ",".join(f"'{k}'" for k in exclude) + "]")
+    if "hydra.callbacks.mixtrain_sweep" not in keys:
+        extra.append("+hydra.callbacks.mixtrain_sweep={_target_:mixtrain.train.sweep.SweepOutcome}")
+    return [*argv, *extra]
+
+
+def _recipe_exclude_keys() -> list[str]:
+    """The override_dirname exclude_keys of the root recipe (recipes/train.yaml)."""
+    from importlib import resources
+
+    from omegaconf import OmegaConf
+
+    from mixtrain.config import RECIPES_PACKAGE
+
+    try:
+        text = (resources.files(RECIPES_PACKAGE) / "train.yaml").read_text()
+        keys = OmegaConf.select(OmegaConf.create(text), "hydra.job.config.override_dirname.exclude_keys")
+        return [str(k) for k in keys or []]
+    except Exception:  # noqa: BLE001
+        return ["experiment", "run.root", "run.resume", "trainer.devices", "trainer.progress_bar"]
+
+
 def _train_main() -> None:
     """``mixtrain train [-m] overrides...`` through ``@hydra.main``.
 
@@ -89,46 +136,6 @@ def _train_main() -> None:
     import hydra
 
     from mixtrain.config import RECIPES_PACKAGE, run_stamp, setup_hydra, whole_numbers_in_overrides
-
-    def _sweep_overrides(argv: list[str]) -> list[str]:
-        """Extra Hydra overrides for a sweep, added unless the user set them.
-
-        - Name each job's directory by the swept values only (``0-layout=standard``): the
-          overrides every point shares (paths included) are excluded from
-          ``hydra.job.override_dirname``; the full list stays in ``.hydra/overrides.yaml``.
-        - A Hydra callback that finds the failed points after the sweep, on any launcher.
-        Harmless in a single run (its directory does not use override_dirname).
-        """
-        from hydra.core.override_parser.overrides_parser import OverridesParser
-
-        args = [a for a in argv if not a.startswith("-")]
-        try:
-            parsed = OverridesParser.create().parse_overrides(args)
-        except Exception:  # noqa: BLE001 - let Hydra report the bad override itself
-            return argv
-        keys = {o.key_or_group for o in parsed}
-        extra = []
-        dirname_key = "hydra.job.config.override_dirname.exclude_keys"
-        if dirname_key not in keys:
-            fixed = [o.key_or_group for o in parsed if not o.is_hydra_override() and not o.is_sweep_override()]
-            exclude = list(dict.fromkeys([*_recipe_exclude_keys(), *fixed]))
-            extra.append(f"{dirname_key}=[" + ",".join(f"'{k}'" for k in exclude) + "]")
-        if "hydra.callbacks.mixtrain_sweep" not in keys:
-            extra.append("+hydra.callbacks.mixtrain_sweep={_target_:mixtrain.train.sweep.SweepOutcome}")
-        return [*argv, *extra]
-
-    def _recipe_exclude_keys() -> list[str]:
-        """The override_dirname exclude_keys of the root recipe (recipes/train.yaml)."""
-        from importlib import resources
-
-        from omegaconf import OmegaConf
-
-        try:
-            text = (resources.files(RECIPES_PACKAGE) / "train.yaml").read_text()
-            keys = OmegaConf.select(OmegaConf.create(text), "hydra.job.config.override_dirname.exclude_keys")
-            return [str(k) for k in keys or []]
-        except Exception:  # noqa: BLE001
-            return ["experiment", "run.root", "run.resume", "trainer.devices", "trainer.progress_bar"]
 
     setup_hydra()
     # Every job of a sweep (and every SLURM task a submitit launcher starts on another

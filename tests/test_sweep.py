@@ -238,3 +238,18 @@ def test_resumed_wandb_run_reads_every_attempt(tmp_path):
     assert "_step" not in curves and "trainer/global_step" not in curves
     rec = run_record(run_dir)
     assert rec["final_val_loss"] == rec["best_val_loss"] == 4.0 and rec["final_train_loss"] == 15.0
+
+
+def test_sweep_points_are_named_by_what_they_sweep():
+    """Run directories of a sweep are named by the swept values only (the shared overrides
+    are excluded from override_dirname); a one-point sweep by its own overrides, not ``0-``."""
+    from mixtrain.cli import _sweep_overrides
+
+    def excluded(*args):
+        got = [a for a in _sweep_overrides(["-m", *args]) if a.startswith("hydra.job.config.override_dirname")]
+        return got[0].split("=", 1)[1].strip("[]").replace("'", "").split(",")
+
+    swept = excluded("experiment=recall", "layout=swa,ma", "run.root=x", "optim.lr=1e-3")
+    assert "optim.lr" in swept and "run.root" in swept and "layout" not in swept
+    one = excluded("experiment=recall", "layout=swa", "optim.lr=1e-3")
+    assert "layout" not in one and "optim.lr" not in one and "experiment" in one
