@@ -262,7 +262,9 @@ def test_tiny_recall_run_logs_recall_by_distance_and_eval_scores_it(tmp_path, ca
 
     res = compare([tmp_path / "r"], out=tmp_path / "cmp")
     header, _, row = res["table"].splitlines()[:3]
-    assert "recall d<=W" in header and "recall d>W" in header
+    assert "recall d<=W" in header and "recall d>W" in header and "retrieves at" in header
+    layers = sorted({l for l, _ in saved["attention"]["retrieving_heads"]})
+    assert rec["recall_retrieving_layers"] == (" ".join(f"L{l}" for l in layers) or "none")
     assert f"{saved['by_length']['32']['recall_beyond']:.4f}" in row
     assert res["files"]["recall"].is_file()
 
@@ -308,7 +310,7 @@ def test_attention_map_reads_where_heads_look(capsys):
     assert sliding["previous_token_uniform"] == pytest.approx(float((1 / (v + 1).clamp(max=8)).mean()), abs=1e-4)
     assert [l["attention"] for l in amap["layers"]] == ["global", "sliding 8", "global, K/V of L0",
                                                          "global, probabilities of L0"]
-    assert retrieving_heads(amap) == []
+    assert retrieving_heads(amap) == [] and amap["retrieving_heads"] == []
     # The verdict: a head with most of its attention on the answer retrieves; one that
     # spreads evenly over the values is the bag of values.
     amap["layers"][2]["answer"][1], amap["layers"][2]["other_values"][1] = 0.9, 0.05

@@ -155,7 +155,9 @@ def attention_map(model, spec: RecallSpec, samples: int = 64, seed: int = 0, bat
                            "other_values": [round(x, 4) for x in mean[i, 1].tolist()],
                            "previous_token": [round(x, 4) for x in mean[i, 2].tolist()],
                            "previous_token_uniform": round(float(uniform[i]) / n_values, 4)})
-    return {"length": beyond.seq_len, "sequences": int(samples), "pairs": beyond.pairs, "layers": out_layers}
+    amap = {"length": beyond.seq_len, "sequences": int(samples), "pairs": beyond.pairs, "layers": out_layers}
+    amap["retrieving_heads"] = [[layer, head] for layer, head in retrieving_heads(amap)]
+    return amap
 
 
 def retrieving_heads(amap: dict[str, Any]) -> list[tuple[int, int]]:

@@ -1,7 +1,8 @@
 """``mixtrain compare`` for runs of the associative-recall probe (``data=recall``): their
 recall within and beyond the sliding window (a column pair) and a bar chart per layout
 (``recall.png``). Reads ``<run>/eval/recall.json`` (``mixtrain eval --tasks recall``) or
-the last validation in ``result.json``; no torch needed."""
+the last validation in ``result.json``; no torch needed. With the eval, also the layers
+that retrieve by content (``retrieves at``: from the eval's attention map)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,8 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
-RECALL_COLUMNS = [("recall_within", "recall d<=W"), ("recall_beyond", "recall d>W")]
+RECALL_COLUMNS = [("recall_within", "recall d<=W"), ("recall_beyond", "recall d>W"),
+                  ("recall_retrieving_layers", "retrieves at")]
 
 
 def run_recall(run_dir: str | Path, result: Optional[dict] = None) -> dict[str, Any]:
@@ -26,6 +28,9 @@ def run_recall(run_dir: str | Path, result: Optional[dict] = None) -> dict[str, 
             first = next(iter(data["by_length"].values()))
             out = {"recall_within": first.get("recall_within"), "recall_beyond": first.get("recall_beyond"),
                    "recall_chance": data.get("chance"), "recall_source": "eval"}
+            heads = (data.get("attention") or {}).get("retrieving_heads")
+            if heads is not None:  # the layers with a head that retrieves by content (eval's attention map)
+                out["recall_retrieving_layers"] = " ".join(f"L{l}" for l in sorted({l for l, _ in heads})) or "none"
         except (ValueError, KeyError, StopIteration, AttributeError):
             out = {}
     if not out:
