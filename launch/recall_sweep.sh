@@ -5,7 +5,7 @@
 #
 #   launch/recall_sweep.sh [--out DIR] [--jobs N] [--layouts a,b,...] [--compile auto|on|off]
 #                          [--dry-run] [overrides...]
-#   launch/recall_sweep.sh --out runs/recall                  # ~60 min on a 2-core CPU
+#   launch/recall_sweep.sh --out runs/recall                  # ~55 min on a 2-core CPU
 #   launch/recall_sweep.sh --layouts ma,ma_offset train.max_tokens=4e6
 #
 # - Layouts (default standard,swa,ma,ma_endslide,ma_offset,ma_pairs_6) are dealt round
