@@ -318,3 +318,4 @@ def test_attention_map_reads_where_heads_look(capsys):
     assert retrieving_heads(amap) == [(2, 1)]
     text = format_attention(amap)
     assert "retrieves by content: L2 (heads 1)" in text and "(the bag of values, no key matching): L0" in text
+    assert text.splitlines()[1].split()[-2:] == ["if", "even"]  # the uniform level has its column

@@ -173,8 +173,9 @@ def format_attention(amap: dict[str, Any]) -> str:
     puts on the other values, the strongest previous-token head) and a verdict line."""
     lines = [f"where the heads look ({amap['sequences']} sequences of length {amap['length']}, every query beyond "
              f"the window; per layer the head with most attention on the answer, and the strongest head from each "
-             f"pair's value to its key)",
-             f"{'layer':>5}  {'attention':<28} {'on the answer':>14} {'on other values':>16} {'previous token':>15}"]
+             f"pair's value to its key; 'if even' is what attending evenly to every visible token puts there)",
+             f"{'layer':>5}  {'attention':<28} {'on the answer':>14} {'on other values':>16} {'previous token':>15}"
+             f"  {'if even':>9}"]
     for l in amap["layers"]:
         h = max(range(len(l["answer"])), key=lambda j: l["answer"][j])
         g = max(range(len(l["previous_token"])), key=lambda j: l["previous_token"][j])
