@@ -141,10 +141,12 @@ def attention_map(model, spec: RecallSpec, samples: int = 64, seed: int = 0, bat
                 sums[i, 0] += on_answer.sum(1).double().cpu()
                 sums[i, 1] += (rows[:, :, values[b]].sum(-1) - on_answer).sum(1).double().cpu()
                 sums[i, 2] += p[b][:, values[b], values[b] - 1].float().sum(1).double().cpu()
-                seen = values[b] + 1 if layers[i].kind == "global" else (values[b] + 1).clamp(max=layers[i].window)
-                uniform[i] += float((1.0 / seen.double()).sum())
 
         model.attention_probabilities(ids, each=reduce)
+        for i, layer in enumerate(layers):  # what even attention over the visible tokens puts on the previous one
+            for v in values:
+                seen = v + 1 if layer.kind == "global" else (v + 1).clamp(max=layer.window)
+                uniform[i] += float((1.0 / seen.double()).sum())
         n_queries += sum(len(x) for x in q)
         n_values += sum(len(x) for x in values)
     mean = sums / torch.tensor([n_queries, n_queries, n_values], dtype=torch.float64).view(1, 3, 1)

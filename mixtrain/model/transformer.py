@@ -173,32 +173,9 @@ class Transformer(nn.Module):
         callable ``each(layer, probs)``), hands each layer's over as it is computed and
         keeps none beyond what the forward keeps anyway (long sequences: one layer's
         ``B*H*T*T`` floats at a time)."""
-        n = len(self.layers)
-        saved = self.prob_sources, self.dense_mask_keys
-        sources = set(self.prob_sources)
         got: dict[int, Tensor] = {}
-
-        def hook(i: int):
-            spec = self.layout.layers[i]
-
-            def grab(_module, _args, out):
-                p = out[2] if out[2] is not None else got[spec.attn_source]
-                if each is None or i in sources:
-                    got[i] = p
-                if each is not None:
-                    each(i, p)
-            return grab
-
-        hooks = [block.register_forward_hook(hook(i)) for i, block in enumerate(self.layers)]
-        try:
-            self.prob_sources = list(range(n))
-            self.dense_mask_keys = list(self.layout.mask_keys)
-            self(input_ids)
-        finally:
-            self.prob_sources, self.dense_mask_keys = saved
-            for h in hooks:
-                h.remove()
-        return None if each is not None else [got[i] for i in range(n)]
+        self(input_ids, on_probs=each if each is not None else got.__setitem__)
+        return None if each is not None else [got[i] for i in range(len(self.layers))]
 
     def rope_at(self, positions: Tensor) -> tuple[Tensor, Tensor]:
         """positions [T] or [B, T] -> cos, sin [1 or B, 1, T, D/2]."""
@@ -214,6 +191,7 @@ class Transformer(nn.Module):
         positions: Optional[Tensor] = None,
         cache=None,
         last_only: bool = False,
+        on_probs=None,
     ) -> ModelOutput:
         """input_ids [B, T] -> ModelOutput(logits [B, T, V], aux).
 
@@ -226,12 +204,17 @@ class Transformer(nn.Module):
         column minus its left padding), RoPE is read from the cache's fp32 tables (so
         positions past ``max_seq_len`` work), the cache builds the masks, every producer
         appends its K/V, and the cache advances by T. ``aux`` is empty with a cache.
-        last_only: logits of the last column only ([B, 1, V])."""
+        last_only: logits of the last column only ([B, 1, V]).
+        on_probs (analysis, no cache): ``on_probs(layer, probs [B, H, T, T])`` for every
+        layer: each computes its probabilities explicitly (a layer sharing an earlier
+        layer's gets that layer's); only those a later layer reads are kept."""
         B, T = input_ids.shape
         device = input_ids.device
         if cache is not None:
             if doc_ids is not None:
                 raise ValueError("doc_ids cannot be combined with a KV cache")
+            if on_probs is not None:
+                raise ValueError("on_probs cannot be combined with a KV cache")
             if positions is None:
                 positions = cache.positions(T)
             cos, sin = cache.rope_at(positions)
@@ -246,7 +229,8 @@ class Transformer(nn.Module):
                 positions = torch.arange(T, device=device)
             cos, sin = self.rope_at(positions)
             impl = resolve_attn_impl(self.cfg.attn_impl, device)
-            masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=self.dense_mask_keys)
+            dense = self.layout.mask_keys if on_probs is not None else self.dense_mask_keys
+            masks = build_masks(self.layout.mask_keys, T, device, impl, doc_ids, dense_keys=dense)
 
         kv_store: dict[int, tuple[Tensor, Tensor]] = {}
         probs_store: dict[int, Tensor] = {}
@@ -261,12 +245,14 @@ class Transformer(nn.Module):
                 masks[spec.mask_key],
                 kv=kv_store.get(spec.kv_source) if spec.kv_source != i else None,
                 probs=probs_store.get(spec.attn_source) if spec.attn_source is not None else None,
-                return_probs=i in self.prob_sources,
+                return_probs=on_probs is not None or i in self.prob_sources,
                 cache=cache,
             )
             if produced is not None:
                 kv_store[i] = produced
-            if probs is not None:
+            if on_probs is not None:
+                on_probs(i, probs if probs is not None else probs_store[spec.attn_source])
+            if probs is not None and i in self.prob_sources:
                 probs_store[i] = probs
             if aux is not None:
                 moe_aux.append(aux)
